@@ -1,0 +1,241 @@
+"""Store-and-record: the one durable path every input (C-STORE, upload, Orthanc, STOW) goes through.
+
+An instance counts as accepted only once its file is on disk (fsync + atomic rename) and its row is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydicom import Dataset
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import transaction
+from core.models import Instance, Series, Study, utcnow
+from core.storage import Storage, check_uid
+
+log = logging.getLogger(__name__)
+
+
+class IngestError(Exception):
+    """Base of the reasons an instance is refused; ``kind`` maps to a DICOM status / HTTP code at the edge."""
+
+    kind = "invalid"
+
+
+class InvalidDataset(IngestError):
+    kind = "invalid"  # DICOM 0xC000, HTTP 400
+
+
+class MismatchedDataset(IngestError):
+    kind = "mismatch"  # DICOM 0xA900, HTTP 409
+
+
+class OutOfResources(IngestError):
+    kind = "resources"  # DICOM 0xA700, HTTP 503
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What we index about an instance; read from its dataset once, before it is stored."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    body_part_examined: str | None
+    series_description: str | None
+    manufacturer: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
+        def text(keyword: str, limit: int) -> str | None:
+            value = ds.get(keyword)
+            value = str(value).strip() if value not in (None, "") else None
+            return value[:limit] if value else None
+
+        try:
+            return cls(
+                study_instance_uid=check_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
+                series_instance_uid=check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
+                sop_instance_uid=check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
+                sop_class_uid=check_uid(ds.get("SOPClassUID"), "SOP Class UID"),
+                transfer_syntax_uid=check_uid(transfer_syntax_uid, "Transfer Syntax UID"),
+                modality=text("Modality", 16),
+                body_part_examined=text("BodyPartExamined", 64),
+                series_description=text("SeriesDescription", 128),
+                manufacturer=text("Manufacturer", 64),
+                accession_number=text("AccessionNumber", 64),
+                study_date=text("StudyDate", 8),
+                study_description=text("StudyDescription", 128),
+            )
+        except ValueError as exc:  # InvalidUID and pydicom value errors
+            raise InvalidDataset(str(exc)) from exc
+        except Exception as exc:  # a malformed element raises on access
+            raise InvalidDataset(f"unreadable dataset: {exc}") from exc
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
+    """Refuse an image whose pixel data is missing or shorter than its header promises (a truncated file).
+
+    pydicom reads such files without an error: a cut encapsulated Pixel Data element simply disappears and a
+    cut native one comes back short, so both are checked here.
+    """
+    if "Rows" not in ds or "Columns" not in ds:
+        return  # not an image (SR, KO, ...)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InvalidDataset("image without pixel data (truncated dataset?)")
+    if "PixelData" in ds and not UID(transfer_syntax_uid).is_compressed:
+        try:
+            expected = int(get_expected_length(ds, unit="bytes"))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidDataset(f"image pixel module incomplete: {exc}") from exc
+        if len(ds.PixelData) < expected:
+            raise InvalidDataset(f"pixel data truncated: {len(ds.PixelData)} of {expected} bytes")
+
+
+@dataclass(frozen=True)
+class Stored:
+    instance_id: int
+    study_id: int
+    relative_path: str
+    duplicate: bool
+
+
+def store_instance(
+    storage: Storage,
+    factory: sessionmaker[Session],
+    meta: InstanceMeta,
+    data: bytes | memoryview,
+    *,
+    source: str,
+    calling_ae: str | None = None,
+) -> Stored:
+    """Durably store ``data`` (a complete DICOM file, preamble and meta included) and index it.
+
+    The same SOP Instance UID received again is stored once: the first copy is kept and the call succeeds.
+    Raises OutOfResources for disk or database failures; nothing already stored is touched then.
+    """
+    relative = storage.instance_path(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
+    existing = _existing(factory, meta.sop_instance_uid)
+    if existing is not None and storage.exists(existing.relative_path):
+        return existing
+    try:
+        storage.write_bytes(relative, data)
+    except OSError as exc:
+        raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from exc
+    for attempt in (1, 2, 3):
+        try:
+            return _record(factory, meta, relative, len(data), source=source, calling_ae=calling_ae)
+        except IntegrityError:
+            # A concurrent association inserted the same study/series/instance first: retry sees it.
+            if attempt == 3:
+                raise OutOfResources("database conflict persisted") from None
+        except OperationalError as exc:
+            raise OutOfResources(f"database unavailable: {exc.orig}") from exc
+    raise AssertionError("unreachable")
+
+
+def _existing(factory: sessionmaker[Session], sop_uid: str) -> Stored | None:
+    try:
+        with factory() as session:
+            row = session.execute(
+                select(Instance.id, Instance.path, Series.study_id)
+                .join(Series, Instance.series_id == Series.id)
+                .where(Instance.sop_instance_uid == sop_uid)
+            ).first()
+    except OperationalError as exc:
+        raise OutOfResources(f"database unavailable: {exc.orig}") from exc
+    return Stored(row.id, row.study_id, row.path, True) if row else None
+
+
+def _record(
+    factory: sessionmaker[Session],
+    meta: InstanceMeta,
+    relative: str,
+    size: int,
+    *,
+    source: str,
+    calling_ae: str | None,
+) -> Stored:
+    now = utcnow()
+    with transaction(factory) as session:
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
+        ).first()
+        if instance is not None:
+            return Stored(instance.id, instance.series.study_id, instance.path, True)
+        study = _study(session, meta, now)
+        series = session.scalars(
+            select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
+        ).first()
+        if series is None:
+            series = Series(
+                study_id=study.id,
+                series_instance_uid=meta.series_instance_uid,
+                modality=meta.modality,
+                body_part_examined=meta.body_part_examined,
+                series_description=meta.series_description,
+                manufacturer=meta.manufacturer,
+            )
+            session.add(series)
+            session.flush()
+        instance = Instance(
+            series_id=series.id,
+            sop_instance_uid=meta.sop_instance_uid,
+            sop_class_uid=meta.sop_class_uid,
+            transfer_syntax_uid=meta.transfer_syntax_uid,
+            path=relative,
+            size=size,
+            source=source,
+            calling_ae=calling_ae,
+            received_at=now,
+        )
+        session.add(instance)
+        session.flush()
+        return Stored(instance.id, study.id, relative, False)
+
+
+def _study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
+    study = session.scalars(select(Study).where(Study.study_instance_uid == meta.study_instance_uid)).first()
+    if study is None:
+        study = Study(
+            study_instance_uid=meta.study_instance_uid,
+            accession_number=meta.accession_number,
+            study_date=meta.study_date,
+            study_description=meta.study_description,
+            status="receiving",
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(study)
+        session.flush()
+        return study
+    if study.status != "receiving":
+        log.info("study %s: new instance after completion, reopening", meta.study_instance_uid)
+    study.status = "receiving"
+    study.last_received_at = now
+    study.released_at = None
+    return study
+
+
+def mark_released(factory: sessionmaker[Session], study_uids: set[str]) -> None:
+    """The association that delivered these studies was released (or aborted): start their quiet period."""
+    if not study_uids:
+        return
+    now = utcnow()
+    with transaction(factory) as session:
+        for study in session.scalars(select(Study).where(Study.study_instance_uid.in_(sorted(study_uids)))):
+            if study.status == "receiving":
+                study.released_at = now

@@ -1,0 +1,136 @@
+"""The durable job queue (table ``job``), shared by the listener, the API and any number of workers.
+
+States: ``pending`` -> ``running`` (claimed under a lease) -> ``done``; a failure puts the job back to
+``pending`` with a later ``next_attempt_at`` until ``max_attempts``, then ``failed``. A job whose worker
+died is claimed again once its lease has expired. On PostgreSQL a claim is
+``SELECT ... FOR UPDATE SKIP LOCKED``, so
+concurrent workers never take the same job; on SQLite the write lock taken at BEGIN serialises claims.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import transaction
+from core.models import Job, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    study_id: int | None
+    attempts: int
+    max_attempts: int
+
+
+def enqueue(
+    session: Session,
+    *,
+    kind: str,
+    payload: dict[str, Any],
+    study_id: int | None = None,
+    max_attempts: int = 8,
+    run_at: datetime | None = None,
+) -> Job:
+    job = Job(
+        kind=kind,
+        payload=payload,
+        study_id=study_id,
+        max_attempts=max_attempts,
+        next_attempt_at=run_at or utcnow(),
+        status="pending",
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def claim(
+    factory: sessionmaker[Session],
+    *,
+    worker_id: str,
+    lease_seconds: float,
+    kinds: tuple[str, ...] | None = None,
+) -> ClaimedJob | None:
+    """Take the oldest due job (or one whose lease expired) for ``worker_id``; None when idle."""
+    now = utcnow()
+    with transaction(factory) as session:
+        due = or_(
+            and_(Job.status == "pending", Job.next_attempt_at <= now),
+            and_(Job.status == "running", Job.lease_expires_at < now),
+        )
+        query = select(Job).where(due).order_by(Job.next_attempt_at, Job.id).limit(1)
+        if kinds:
+            query = query.where(Job.kind.in_(kinds))
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        job = session.scalars(query).first()
+        if job is None:
+            return None
+        if job.status == "running":
+            log.warning("job %s: lease of %s expired, taking it over", job.id, job.locked_by)
+            if job.attempts >= job.max_attempts:
+                job.status = "failed"
+                job.last_error = (job.last_error or "") + f"\nworker {job.locked_by} lost the job"
+                job.finished_at = now
+                return None
+        job.status = "running"
+        job.attempts += 1
+        job.locked_by = worker_id
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        return ClaimedJob(job.id, job.kind, dict(job.payload), job.study_id, job.attempts, job.max_attempts)
+
+
+def complete(factory: sessionmaker[Session], job_id: int, *, worker_id: str) -> bool:
+    """Mark done; False if the job was taken over meanwhile (the other worker's result wins)."""
+    with transaction(factory) as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.locked_by == worker_id, Job.status == "running")
+            .values(status="done", finished_at=utcnow(), lease_expires_at=None, last_error=None)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def fail(
+    factory: sessionmaker[Session],
+    job_id: int,
+    *,
+    worker_id: str,
+    error: str,
+    retry_in: float | None,
+) -> str:
+    """Record a failure. ``retry_in`` None means permanent. Returns the new status."""
+    with transaction(factory) as session:
+        job = session.get(Job, job_id, with_for_update=session.get_bind().dialect.name == "postgresql")
+        if job is None or job.locked_by != worker_id or job.status != "running":
+            return "lost"
+        job.last_error = error[:4000]
+        job.lease_expires_at = None
+        if retry_in is None or job.attempts >= job.max_attempts:
+            job.status = "failed"
+            job.finished_at = utcnow()
+        else:
+            job.status = "pending"
+            job.next_attempt_at = utcnow() + timedelta(seconds=retry_in)
+        return job.status
+
+
+def renew_lease(factory: sessionmaker[Session], job_id: int, *, worker_id: str, lease_seconds: float) -> bool:
+    with transaction(factory) as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.locked_by == worker_id, Job.status == "running")
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined]

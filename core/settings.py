@@ -1,0 +1,223 @@
+"""Service settings, read from ``GATEWAY_*`` environment variables (nested groups use ``__``)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.domain import Destination
+
+_AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > 16 or not set(value) <= _AE_CHARS:
+        raise ValueError(f"AE title {value!r} must be 1-16 characters of letters, digits, space, _ - .")
+    return value
+
+
+class DicomSettings(BaseModel):
+    ae_title: str = "GATEWAY"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
+    #: Calling AE titles allowed to associate; empty means any.
+    allowed_calling_aes: Annotated[list[str], NoDecode] = []
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    maximum_associations: int = Field(16, ge=1, le=256)
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+
+class HttpSettings(BaseModel):
+    host: str = "127.0.0.1"  # no authentication yet: loopback only by default
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class CompletionSettings(BaseModel):
+    #: A released study is complete once nothing new arrived for this long.
+    quiet_seconds: float = Field(2.0, ge=0)
+    #: Any study is complete once nothing arrived for this long, released or not.
+    max_wait_seconds: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> CompletionSettings:
+        if self.max_wait_seconds < self.quiet_seconds:
+            raise ValueError("max_wait_seconds must be at least quiet_seconds")
+        return self
+
+
+class WorkerSettings(BaseModel):
+    #: In-process worker threads for `gateway serve` (0: none, use `gateway worker` processes).
+    threads: int = Field(1, ge=0, le=32)
+    poll_seconds: float = Field(0.2, gt=0)
+    #: A claimed job whose worker stopped renewing it is taken over after this long.
+    lease_seconds: float = Field(300.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    #: Deliveries keep retrying longer than other jobs: a PACS may be down for hours (30 tries ~ 4 h).
+    delivery_max_attempts: int = Field(30, ge=1)
+    #: First retry delay for failed deliveries and jobs; doubles each attempt (with jitter) up to the cap.
+    retry_base_seconds: float = Field(2.0, gt=0)
+    retry_cap_seconds: float = Field(600.0, gt=0)
+
+
+class InferenceSettings(BaseModel):
+    #: Extra directories holding model bundles (model.json + model.keras), besides the shipped weights.
+    model_dirs: Annotated[list[Path], NoDecode] = []
+
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(":") if part]
+        return value
+
+
+def _csv_list(value: object) -> object:
+    if isinstance(value, str):
+        text = value.strip()
+        return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+    return value
+
+
+class RoutingSettings(BaseModel):
+    """Routing rules (see inference.routing); each list is JSON or comma separated in the environment."""
+
+    fundus_modalities: Annotated[list[str], NoDecode] = ["OP", "XC"]
+    #: Ophthalmic Photography 8/16 bit, VL Photographic Image.
+    fundus_sop_classes: Annotated[list[str], NoDecode] = [
+        "1.2.840.10008.5.1.4.1.1.77.1.5.1",
+        "1.2.840.10008.5.1.4.1.1.77.1.5.2",
+        "1.2.840.10008.5.1.4.1.1.77.1.4",
+    ]
+    fundus_body_parts: Annotated[list[str], NoDecode] = ["EYE"]
+    fundus_keywords: Annotated[list[str], NoDecode] = ["fundus", "retina", "fundoscopy", "papilla"]
+    chest_modalities: Annotated[list[str], NoDecode] = ["CR", "DX"]
+    #: An empty string stands for a missing or empty BodyPartExamined (the model's gate then decides).
+    chest_body_parts: Annotated[list[str], NoDecode] = ["CHEST", "THORAX", ""]
+    fundus_models: Annotated[list[str], NoDecode] = ["glaucoma"]
+    chest_models: Annotated[list[str], NoDecode] = ["pneumonia", "covid19"]
+
+    _split = field_validator("*", mode="before")(classmethod(lambda cls, v: _csv_list(v)))
+
+
+class ReportingSettings(BaseModel):
+    #: Also write a Secondary Capture with the result burned in (later issue).
+    secondary_capture: bool = False
+    series_number: int = Field(9901, ge=1)
+
+
+class Settings(BaseSettings):
+    """All configuration. Invalid values stop start-up with a message naming the setting."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
+    )
+
+    data_dir: Path = Path("./var")
+    #: SQLAlchemy URL; default is a SQLite file in DATA_DIR. postgresql+psycopg://... works.
+    database_url: str | None = None
+    dicom: DicomSettings = DicomSettings()
+    http: HttpSettings = HttpSettings()
+    completion: CompletionSettings = CompletionSettings()
+    worker: WorkerSettings = WorkerSettings()
+    inference: InferenceSettings = InferenceSettings()
+    reporting: ReportingSettings = ReportingSettings()
+    routing: RoutingSettings = RoutingSettings()
+    #: JSON list of {"name","ae_title","host","port"}: where reports are sent.
+    destinations: Annotated[list[Destination], NoDecode] = []
+    log_level: str = "INFO"
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else []
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg})") from None
+        if not isinstance(value, list):
+            raise ValueError("must be a JSON list of {name, ae_title, host, port}")
+        out = []
+        for item in value:
+            if isinstance(item, Destination):
+                out.append(item)
+                continue
+            if not isinstance(item, dict) or set(item) != {"name", "ae_title", "host", "port"}:
+                raise ValueError(f"each destination needs exactly name, ae_title, host, port; got {item!r}")
+            port = int(item["port"])
+            if not 1 <= port <= 65535:
+                raise ValueError(f"destination {item['name']!r}: port {port} out of range")
+            out.append(
+                Destination(
+                    name=str(item["name"]),
+                    ae_title=_check_ae_title(str(item["ae_title"])),
+                    host=str(item["host"]),
+                    port=port,
+                )
+            )
+        names = [d.name for d in out]
+        if len(set(names)) != len(names):
+            raise ValueError("destination names must be unique")
+        return out
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'gateway.sqlite3').resolve()}"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+
+class SettingsError(RuntimeError):
+    """Raised at start-up for invalid configuration; the message names the environment variable."""
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment, turning validation errors into one readable message."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "GATEWAY_" + "__".join(str(p).upper() for p in err["loc"] if not isinstance(p, int))
+            lines.append(f"{name}: {err['msg']}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"invalid configuration: {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

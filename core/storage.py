@@ -1,0 +1,93 @@
+"""Instance and report files under one storage root (a local folder or a shared volume).
+
+Every write is durable before it returns: temp file in the same file system, fsync, atomic rename, fsync
+of the directory. File names are built only from UIDs that passed validation, and always stay under the root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from pydicom.uid import RE_VALID_UID
+
+log = logging.getLogger(__name__)
+
+_TMP_PREFIX = ".incoming-"
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a valid DICOM UID (and so can never become part of a file name)."""
+
+
+def check_uid(value: object, what: str) -> str:
+    text = str(value or "").strip()
+    if len(text) > 64 or not RE_VALID_UID.match(text):
+        raise InvalidUID(f"invalid {what}: {text[:80]!r}")
+    return text
+
+
+class Storage:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.tmp_dir = self.root / "tmp"
+
+    def prepare(self) -> int:
+        """Create the folders and remove temp files left by a crash; returns how many were removed."""
+        for sub in ("instances", "reports", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp_dir.glob(_TMP_PREFIX + "*"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.warning("removed %d leftover temp files from %s", removed, self.tmp_dir)
+        return removed
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """Relative path of an instance file; raises InvalidUID for anything but valid UIDs."""
+        parts = (
+            check_uid(study_uid, "Study Instance UID"),
+            check_uid(series_uid, "Series Instance UID"),
+            check_uid(sop_uid, "SOP Instance UID") + ".dcm",
+        )
+        return "instances/" + "/".join(parts)
+
+    def report_path(self, study_uid: str, sop_uid: str) -> str:
+        return f"reports/{check_uid(study_uid, 'Study Instance UID')}/{check_uid(sop_uid, 'SOP UID')}.dcm"
+
+    def absolute(self, relative: str) -> Path:
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root):
+            raise InvalidUID(f"path escapes the storage root: {relative!r}")
+        return path
+
+    def write_bytes(self, relative: str, data: bytes | memoryview) -> Path:
+        """Durably write ``data`` to ``relative``; returns the absolute path."""
+        target = self.absolute(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return target
+
+    def exists(self, relative: str) -> bool:
+        return self.absolute(relative).is_file()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,124 @@
+"""DIMSE event handlers. Each returns a DICOM status and never raises; inference never runs here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pydicom import Dataset
+from pynetdicom.events import Event
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.ingest import (
+    IngestError,
+    InstanceMeta,
+    MismatchedDataset,
+    check_pixel_data,
+    mark_released,
+    store_instance,
+)
+from core.storage import Storage
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_STATUS = {
+    "invalid": CANNOT_UNDERSTAND,
+    "mismatch": DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    "resources": OUT_OF_RESOURCES,
+}
+
+
+@dataclass
+class AssociationStudies:
+    """Which studies each open association delivered, so their quiet period starts at release."""
+
+    _by_assoc: dict[int, set[str]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, assoc_id: int, study_uid: str) -> None:
+        with self._lock:
+            self._by_assoc.setdefault(assoc_id, set()).add(study_uid)
+
+    def pop(self, assoc_id: int) -> set[str]:
+        with self._lock:
+            return self._by_assoc.pop(assoc_id, set())
+
+
+def handle_echo(event: Event) -> int:
+    return SUCCESS
+
+
+def handle_store(
+    event: Event, storage: Storage, factory: sessionmaker[Session], studies: AssociationStudies
+) -> int | Dataset:
+    """Store one instance durably, then acknowledge.
+
+    Returns 0x0000 once the file is fsynced and renamed and its row committed (also for a duplicate);
+    0xC000 for an unreadable dataset or invalid UIDs; 0xA900 when the dataset's SOP Class/Instance UID differs
+    from the command's; 0xA700 when the disk or the database fails.
+    """
+    calling_ae = event.assoc.requestor.ae_title.strip()
+    request = event.request
+    try:
+        ds = event.dataset
+        meta = InstanceMeta.from_dataset(ds, str(event.context.transfer_syntax))
+        if meta.sop_class_uid != str(request.AffectedSOPClassUID):
+            raise MismatchedDataset(
+                f"SOP Class UID {meta.sop_class_uid} differs from the command's {request.AffectedSOPClassUID}"
+            )
+        if meta.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+            raise MismatchedDataset("SOP Instance UID differs from the command's Affected SOP Instance UID")
+        check_pixel_data(ds, meta.transfer_syntax_uid)
+        stored = store_instance(
+            storage, factory, meta, event.encoded_dataset(), source="dimse", calling_ae=calling_ae
+        )
+    except IngestError as exc:
+        status = _STATUS[exc.kind]
+        log.warning(
+            "C-STORE from %s refused with 0x%04X: %s (SOP Instance UID %s)",
+            calling_ae,
+            status,
+            exc,
+            _safe_uid(request),
+        )
+        return _status(status, str(exc))
+    except Exception as exc:  # decoding errors of a malformed dataset surface here
+        log.warning("C-STORE from %s: unreadable dataset (%s)", calling_ae, type(exc).__name__)
+        return _status(CANNOT_UNDERSTAND, f"unreadable dataset: {exc}")
+    studies.add(id(event.assoc), meta.study_instance_uid)
+    log.info(
+        "stored %s of study %s from %s%s",
+        meta.sop_instance_uid,
+        meta.study_instance_uid,
+        calling_ae,
+        " (duplicate)" if stored.duplicate else "",
+    )
+    return SUCCESS
+
+
+def handle_closed(event: Event, factory: sessionmaker[Session], studies: AssociationStudies) -> None:
+    """Association released, aborted or dropped: the studies it delivered start their quiet period."""
+    uids = studies.pop(id(event.assoc))
+    try:
+        mark_released(factory, uids)
+    except Exception:  # never raise into pynetdicom; the max-wait rule still completes these studies
+        log.exception("could not mark %d studies released", len(uids))
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A failure status with an Error Comment (LO: 64 characters) the sender can log."""
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+def _safe_uid(request: object) -> str:
+    uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "")
+    return uid[:64] if all(c in "0123456789." for c in uid) else "<invalid>"

@@ -1,0 +1,85 @@
+"""The DICOM listener: an AE accepting verification and every storage SOP class."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pydicom.uid import (
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLETransferSyntaxes,
+    UncompressedTransferSyntaxes,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import DicomSettings
+from core.storage import Storage
+from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
+
+log = logging.getLogger(__name__)
+
+#: Everything pydicom can decode with pylibjpeg / pyjpegls: uncompressed (incl. deflate), JPEG baseline,
+#: extended and lossless, JPEG-LS, JPEG 2000 (incl. HTJ2K) and RLE.
+TRANSFER_SYNTAXES = [
+    *UncompressedTransferSyntaxes,
+    *JPEGTransferSyntaxes,
+    *JPEGLSTransferSyntaxes,
+    *JPEG2000TransferSyntaxes,
+    *RLETransferSyntaxes,
+]
+
+
+@dataclass
+class Listener:
+    ae: AE
+    server: ThreadedAssociationServer
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+
+
+def build_ae(settings: DicomSettings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.maximum_associations = settings.maximum_associations
+    ae.require_called_aet = False
+    if settings.allowed_calling_aes:
+        ae.require_calling_aet = list(settings.allowed_calling_aes)
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    return ae
+
+
+def serve(settings: DicomSettings, storage: Storage, factory: sessionmaker[Session]) -> Listener:
+    """Start listening in background threads; returns a handle whose ``shutdown()`` stops it."""
+    studies = AssociationStudies()
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [storage, factory, studies]),
+        (evt.EVT_CONN_CLOSE, handle_closed, [factory, studies]),
+    ]
+    ae = build_ae(settings)
+    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
+    assert server is not None
+    log.info(
+        "DICOM listener %s on %s:%d (%s)",
+        settings.ae_title,
+        settings.host,
+        server.server_address[1],
+        "calling AEs: " + ", ".join(settings.allowed_calling_aes)
+        if settings.allowed_calling_aes
+        else "any AE",
+    )
+    return Listener(ae, server)

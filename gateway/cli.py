@@ -1,0 +1,139 @@
+"""The `gateway` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="screening-gateway: AI screening in the PACS workflow (research decision support only).",
+                  no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+log = logging.getLogger("gateway")
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # pynetdicom's INFO lines describe every association; its DEBUG would dump datasets (patient data).
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    return settings
+
+
+@app.command()
+def serve(
+    migrate: Annotated[bool, typer.Option(help="Bring the database schema to the latest revision first.")] = True,
+) -> None:
+    """Run the DICOM listener, the HTTP API and (GATEWAY_WORKER__THREADS) workers in one process."""
+    import uvicorn
+
+    from api.main import create_app
+    from dicom_listener.server import serve as serve_dicom
+    from gateway.runtime import build_runtime
+    from gateway.worker import start_threads
+
+    settings = _settings()
+    try:
+        rt = build_runtime(settings, migrate=migrate)
+    except Exception as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        listener = serve_dicom(settings.dicom, rt.storage, rt.factory)
+    except OSError as exc:
+        typer.echo(f"cannot listen on DICOM port {settings.dicom.port}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    workers = start_threads(rt, settings.worker.threads)
+    config = uvicorn.Config(
+        create_app(rt.factory), host=settings.http.host, port=settings.http.port, log_level="warning"
+    )
+    log.info("HTTP API on http://%s:%d", settings.http.host, settings.http.port)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for w in workers:
+            w.stop.set()
+        listener.shutdown()
+        rt.close()
+
+
+@app.command()
+def worker() -> None:
+    """Run one worker process (production: several, sharing the PostgreSQL job table)."""
+    from gateway.runtime import build_runtime
+    from gateway.worker import Worker
+
+    settings = _settings()
+    rt = build_runtime(settings, migrate=False)
+    w = Worker(rt)
+    signal.signal(signal.SIGTERM, lambda *_: w.stop.set())
+    try:
+        w.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rt.close()
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply the Alembic migrations (SQLite or PostgreSQL)."""
+    from core.db import make_engine
+    from core.migrate import current_revision, upgrade
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.sqlalchemy_url)
+    upgrade(engine, revision)
+    typer.echo(f"database at revision {current_revision(engine)}")
+    engine.dispose()
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files or folders.", exists=True)],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (default: by image).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file.")] = False,
+) -> None:
+    """Run a model on files and print its findings (research use only, not a diagnosis)."""
+    from inference.predict import predict_paths
+    from inference.registry import ModelRegistry
+
+    settings = _settings()
+    registry = ModelRegistry(extra_dirs=settings.inference.model_dirs)
+    if model is not None and model not in registry.names():
+        typer.echo(f"unknown model {model!r}; installed: {', '.join(registry.names()) or 'none'}", err=True)
+        raise typer.Exit(2)
+    if not registry.names():
+        typer.echo("no models installed (GATEWAY_INFERENCE__MODEL_DIRS)", err=True)
+        raise typer.Exit(2)
+    for row in predict_paths(paths, registry, model):
+        if as_json:
+            typer.echo(json.dumps(row))
+            continue
+        head = f"{row['file']}: {row.get('model')} {row.get('version')}"
+        if not row.get("assessable"):
+            typer.echo(f"{head}: {row.get('reason')}")
+            continue
+        found = ", ".join(f"{f['finding']} {f['label']} (p={f['probability']:.3f}, thr {f['threshold']:.2f})"
+                          for f in row["findings"])
+        typer.echo(f"{head}: {found}")
+
+
+def main() -> None:
+    app()

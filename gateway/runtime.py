@@ -1,0 +1,51 @@
+"""The composition root's shared objects: settings, database, storage and models, built once per process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, make_sessionmaker
+from core.migrate import current_revision, head_revision, upgrade
+from core.settings import Settings
+from core.storage import Storage
+from inference.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    factory: sessionmaker[Session]
+    storage: Storage
+    _registry: ModelRegistry | None = field(default=None, repr=False)
+
+    @cached_property
+    def registry(self) -> ModelRegistry:
+        return self._registry or ModelRegistry(extra_dirs=self.settings.inference.model_dirs)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_runtime(settings: Settings, *, migrate: bool) -> Runtime:
+    """Connect, prepare storage and (``migrate``) bring the schema to head; refuse an out-of-date schema."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.sqlalchemy_url)
+    if migrate:
+        upgrade(engine)
+    elif current_revision(engine) != head_revision():
+        engine.dispose()
+        raise RuntimeError(
+            f"database schema is at {current_revision(engine)!r}, expected {head_revision()!r}: "
+            "run `gateway db upgrade`"
+        )
+    storage = Storage(settings.storage_dir)
+    storage.prepare()
+    return Runtime(settings, engine, make_sessionmaker(engine), storage)

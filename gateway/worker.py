@@ -1,0 +1,84 @@
+"""The worker loop: sweep for complete studies, claim a job, run it, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+
+from core import jobs
+from core.jobs import ClaimedJob
+from dicom_listener.completion import PROCESS_STUDY, complete_studies
+from reporting.delivery import backoff_delay
+
+from gateway.pipeline import DELIVER, PermanentError, Retry, deliver, process_study
+from gateway.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+HANDLERS: dict[str, Callable[[Runtime, ClaimedJob], None]] = {
+    PROCESS_STUDY: process_study,
+    DELIVER: deliver,
+}
+
+
+class Worker:
+    def __init__(self, rt: Runtime, *, name: str | None = None) -> None:
+        self.rt = rt
+        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        self.stop = threading.Event()
+
+    def run_once(self) -> bool:
+        """One sweep and at most one job; True if a job ran."""
+        settings = self.rt.settings
+        complete_studies(self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts)
+        job = jobs.claim(self.rt.factory, worker_id=self.id, lease_seconds=settings.worker.lease_seconds)
+        if job is None:
+            return False
+        self._run(job)
+        return True
+
+    def run_forever(self) -> None:
+        log.info("worker %s started", self.id)
+        while not self.stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # a database outage must not kill the worker: wait and try again
+                log.exception("worker %s: sweep or claim failed", self.id)
+                busy = False
+            if not busy:
+                self.stop.wait(self.rt.settings.worker.poll_seconds)
+        log.info("worker %s stopped", self.id)
+
+    def _run(self, job: ClaimedJob) -> None:
+        handler = HANDLERS.get(job.kind)
+        wcfg = self.rt.settings.worker
+        try:
+            if handler is None:
+                raise PermanentError(f"unknown job kind {job.kind!r}")
+            handler(self.rt, job)
+        except Retry as exc:
+            status = jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=exc.message, retry_in=exc.delay)
+            log.warning("job %d (%s) attempt %d: %s -> %s", job.id, job.kind, job.attempts, exc.message, status)
+        except PermanentError as exc:
+            jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=str(exc), retry_in=None)
+            log.error("job %d (%s) failed permanently: %s", job.id, job.kind, exc)
+        except Exception as exc:
+            delay = backoff_delay(job.attempts, base=wcfg.retry_base_seconds, cap=wcfg.retry_cap_seconds,
+                                  rng=random.Random())
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+            status = jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=error, retry_in=delay)
+            log.exception("job %d (%s) attempt %d raised -> %s", job.id, job.kind, job.attempts, status)
+        else:
+            jobs.complete(self.rt.factory, job.id, worker_id=self.id)
+
+
+def start_threads(rt: Runtime, count: int) -> list[Worker]:
+    workers = [Worker(rt, name=f"{socket.gethostname()}:{os.getpid()}:w{i}") for i in range(count)]
+    for w in workers:
+        threading.Thread(target=w.run_forever, name=f"worker-{w.id}", daemon=True).start()
+    return workers

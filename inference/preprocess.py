@@ -1,0 +1,272 @@
+"""Pixels for the models: DICOM (and PNG/JPEG) to float32 in [0, 1], bone bright, colour as RGB.
+
+DICOM grayscale follows the display pipeline of PS3.3 C.11: Modality LUT or rescale, then the first VOI LUT or
+window of the dataset (when there is none, or it is unusable: a 0.5-99.5 percentile window), then
+MONOCHROME1 is inverted so that bone and tissue are bright and air is dark. Colour is decoded with
+``as_rgb`` semantics: pydicom 3 already turns YBR_FULL/YBR_FULL_422 into RGB and the JPEG 2000 decoders
+undo the YBR_ICT/YBR_RCT component transform themselves, so we only convert what the decoder reports as still
+YBR. Multi-frame objects: :func:`load_dicom_image` returns the first frame, :func:`iter_frames` all.
+
+This module must not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    convert_color_space,
+    get_decoder,
+)
+
+logger = logging.getLogger(__name__)
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PERCENTILE_WINDOW = (0.5, 99.5)
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+DicomSource = Dataset | str | PathLike[str]
+
+
+class UnreadableImage(ValueError):
+    """The object has no pixel data, or its pixels cannot be decoded or understood."""
+
+
+def read_dataset(ds_or_path: DicomSource) -> Dataset:
+    """The dataset itself, or the file read with pydicom (``UnreadableImage`` when it is not DICOM)."""
+    if isinstance(ds_or_path, Dataset):
+        return ds_or_path
+    try:
+        return pydicom.dcmread(ds_or_path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise UnreadableImage(f"cannot read DICOM file {Path(ds_or_path).name}: {exc}") from exc
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """(0028,0008) Number of Frames, 1 when absent or empty."""
+    return int(ds.get("NumberOfFrames") or 1)
+
+
+def load_dicom_image(ds_or_path: DicomSource, *, frame: int = 0) -> np.ndarray:
+    """One frame (the first by default) as float32 in [0, 1]: HxW for grayscale, HxWx3 RGB for colour."""
+    ds = read_dataset(ds_or_path)
+    _require_pixels(ds)
+    if not 0 <= frame < number_of_frames(ds):
+        raise UnreadableImage(f"frame {frame} out of range (NumberOfFrames {number_of_frames(ds)})")
+    arr, meta = _decode(ds, frame)
+    return _to_unit_range(arr, meta, ds)
+
+
+def iter_frames(ds_or_path: DicomSource) -> Iterator[np.ndarray]:
+    """Every frame, each as :func:`load_dicom_image` returns it; frames are decoded one at a time."""
+    ds = read_dataset(ds_or_path)
+    _require_pixels(ds)
+    for index in range(number_of_frames(ds)):
+        arr, meta = _decode(ds, index)
+        yield _to_unit_range(arr, meta, ds)
+
+
+def load_image_file(path: str | PathLike[str]) -> np.ndarray:
+    """A PNG or JPEG as float32 in [0, 1]: HxW when the file is grayscale, HxWx3 in RGB order otherwise."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise UnreadableImage(f"cannot decode image file {Path(path).name}")
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(img.dtype, 1.0)
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+        elif img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        else:
+            img = img[..., 0]
+    return np.clip(img.astype(np.float32) / scale, 0.0, 1.0)
+
+
+def is_dicom_file(path: str | PathLike[str]) -> bool:
+    """True when the file carries the 'DICM' prefix after the 128-byte preamble."""
+    try:
+        return bool(pydicom.misc.is_dicom(str(path)))
+    except OSError:
+        return False
+
+
+def load_any(path: str | PathLike[str]) -> np.ndarray:
+    """DICOM (sniffed from the file content) or PNG/JPEG, as float32 in [0, 1]."""
+    if is_dicom_file(path):
+        return load_dicom_image(path)
+    if Path(path).suffix.lower() in _IMAGE_SUFFIXES:
+        return load_image_file(path)
+    # Without the preamble a file may still be DICOM (some old files); let the image decoder try first.
+    try:
+        return load_image_file(path)
+    except UnreadableImage:
+        pass
+    try:
+        return load_dicom_image(pydicom.dcmread(path, force=True))
+    except UnreadableImage:
+        raise
+    except Exception as exc:
+        raise UnreadableImage(f"{Path(path).name} is neither DICOM nor PNG/JPEG") from exc
+
+
+def to_model_input(img: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """Resize to ``size`` x ``size`` (INTER_AREA) and give it ``channels`` (1 or 3): float32 HxWxC."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    x: np.ndarray = np.asarray(img, dtype=np.float32)
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] != 3):
+        raise ValueError(f"expected HxW or HxWx3 image, got shape {x.shape}")
+    x = cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA)
+    if channels == 1:
+        if x.ndim == 3:
+            x = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+        return x[..., np.newaxis]
+    if x.ndim == 2:
+        x = cv2.cvtColor(x, cv2.COLOR_GRAY2RGB)
+    return x
+
+
+# -- decoding ------------------------------------------------------------------------------------------------
+
+
+def _require_pixels(ds: Dataset) -> None:
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise UnreadableImage("dataset has no pixel data")
+
+
+def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decoded frame and the decoder's description of it (photometric interpretation after conversion)."""
+    try:
+        tsyntax = ds.file_meta.TransferSyntaxUID
+    except AttributeError as exc:
+        raise UnreadableImage("dataset has no Transfer Syntax UID") from exc
+    try:
+        decoder = get_decoder(tsyntax)
+        options: dict[str, Any] = {"as_rgb": True}  # YBR_FULL(_422) to RGB; pydicom's default, made explicit
+        arr, meta = decoder.as_array(ds, index=index, **options)
+    except Exception as exc:  # every decoder plugin raises its own types
+        raise UnreadableImage(f"cannot decode pixel data ({tsyntax.name}): {exc}") from exc
+    return arr, dict(meta)
+
+
+def _to_unit_range(arr: np.ndarray, meta: dict[str, Any], ds: Dataset) -> np.ndarray:
+    photometric = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", ""))
+    photometric = photometric.strip().upper()
+    bits_stored = int(meta.get("bits_stored") or ds.get("BitsStored") or 8)
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if arr.ndim != 2:
+            raise UnreadableImage(f"unexpected grayscale frame shape {arr.shape}")
+        return _grayscale(arr, ds, photometric)
+    if photometric == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except Exception as exc:
+            raise UnreadableImage(f"cannot apply palette colour LUT: {exc}") from exc
+        return _scale_colour(rgb, 8 * rgb.dtype.itemsize)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise UnreadableImage(f"unexpected colour frame shape {arr.shape} for {photometric}")
+    if photometric in ("YBR_FULL", "YBR_FULL_422"):
+        # Only reached when the decoder left the data in YBR; never convert what it already converted.
+        arr = convert_color_space(arr, photometric, "RGB")
+    elif photometric != "RGB":
+        # YBR_ICT/YBR_RCT are undone inside the JPEG 2000 codec; anything else we take as RGB and say so.
+        logger.warning("treating photometric interpretation %s as RGB", photometric)
+    return _scale_colour(arr, bits_stored)
+
+
+def _scale_colour(arr: np.ndarray, bits: int) -> np.ndarray:
+    out = arr.astype(np.float32) / float(2**bits - 1)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _grayscale(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    values = apply_modality_lut(arr, ds)
+    img = _voi_window(values, ds)
+    if img is None:
+        img = _percentile_window(values)
+    # MONOCHROME1 is displayed inverted; a Presentation LUT Shape of INVERSE on MONOCHROME1 (as the DX IOD
+    # requires) states the same inversion, whereas on MONOCHROME2 it asks for one.
+    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    if photometric == "MONOCHROME1" or shape == "INVERSE":
+        img = 1.0 - img
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def _voi_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The dataset's first VOI LUT or window scaled to [0, 1]; None when absent or unusable."""
+    has_lut = bool(ds.get("VOILUTSequence"))
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if not (has_lut or has_window):
+        return None
+    try:
+        if has_lut:
+            if np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0):
+                values = values.astype(np.int64)  # a rescale of 1/0 gives floats; the LUT indexes integers
+            lo, hi = _lut_output_range(ds)
+        else:
+            lo, hi = _window_output_range(ds)
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+    except (ValueError, TypeError, IndexError, AttributeError, NotImplementedError) as exc:
+        logger.warning("ignoring unusable VOI in SOP instance %s: %s", ds.get("SOPInstanceUID", "?"), exc)
+        return None
+    if hi <= lo:
+        return None
+    img = (np.asarray(out, dtype=np.float64) - lo) / (hi - lo)
+    img = np.clip(img, 0.0, 1.0)
+    if np.ptp(img) < 1e-3 < np.ptp(values):
+        # A window that maps a varied image to one gray level is wrong for this image; use the data instead.
+        logger.warning(
+            "VOI of SOP instance %s flattens the image; using a percentile window",
+            ds.get("SOPInstanceUID", "?"),
+        )
+        return None
+    return img
+
+
+def _lut_output_range(ds: Dataset) -> tuple[float, float]:
+    descriptor = ds.VOILUTSequence[0].LUTDescriptor
+    entries = int(descriptor[0]) or 2**16
+    first = int(descriptor[1])
+    # Applying the LUT to its whole input domain yields its real output extremes (descriptors often overstate
+    # the bit depth).
+    out = apply_voi_lut(np.arange(first, first + entries, dtype=np.int64), ds, index=0, prefer_lut=True)
+    return float(np.min(out)), float(np.max(out))
+
+
+def _window_output_range(ds: Dataset) -> tuple[float, float]:
+    """Output range of pydicom's ``apply_windowing`` (mirrors its y_min/y_max, PS3.3 C.11.2.1.2)."""
+    if ds.get("ModalityLUTSequence"):
+        y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(ds.get("PixelRepresentation", 0)) == 0:
+        y_min, y_max = 0.0, float(2 ** int(ds.BitsStored) - 1)
+    else:
+        y_min, y_max = float(-(2 ** (int(ds.BitsStored) - 1))), float(2 ** (int(ds.BitsStored) - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        y_min, y_max = y_min * float(slope) + float(intercept), y_max * float(slope) + float(intercept)
+    return min(y_min, y_max), max(y_min, y_max)
+
+
+def _percentile_window(values: np.ndarray) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = np.percentile(v, _PERCENTILE_WINDOW)
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(v.shape, dtype=np.float64)
+    return np.clip((v - lo) / (hi - lo), 0.0, 1.0)

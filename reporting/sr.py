@@ -1,0 +1,344 @@
+"""DICOM Comprehensive 3D SR documents (TID 1500 Measurement Report) carrying our models' findings.
+
+Also the deterministic UIDs of those documents and an atomic writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pydicom
+from highdicom.sr import (
+    AlgorithmIdentification,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    ImageContentItem,
+    ImageLibraryEntryDescriptors,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from core.domain import DECISION_SUPPORT_NOTICE, MANUFACTURER, Finding, ImageResult, ModelInfo
+from reporting import codes as ourcodes
+
+log = logging.getLogger(__name__)
+
+_UID_NAMESPACE = f"{MANUFACTURER}/reporting/sr"
+
+
+def input_hash(input_sop_uids: Iterable[str]) -> str:
+    """Hex SHA-256 of the sorted, de-duplicated SOP Instance UIDs a report was computed from."""
+    joined = "\n".join(sorted({str(uid) for uid in input_sop_uids}))
+    return hashlib.sha256(joined.encode("ascii")).hexdigest()
+
+
+def report_uid(study_uid: str, model: ModelInfo, input_sop_uids: Iterable[str]) -> str:
+    """SOP Instance UID of the report of ``model`` on these inputs: same inputs, same UID.
+
+    A different study, model name, model version or input set gives a different UID, so a re-run on
+    unchanged inputs is idempotent at the PACS while a re-run on new inputs creates a new document.
+    """
+    sources = [_UID_NAMESPACE, "instance", study_uid, model.name, model.version, input_hash(input_sop_uids)]
+    return generate_uid(entropy_srcs=sources)
+
+
+def report_series_uid(study_uid: str, model: ModelInfo) -> str:
+    """Series Instance UID of the reports of ``model`` (name and version) in a study."""
+    return generate_uid(entropy_srcs=[_UID_NAMESPACE, "series", study_uid, model.name, model.version])
+
+
+def _device_uid(model: ModelInfo) -> str:
+    # TID 1004 "Device Observer UID": one stable UID per model version (the observing device).
+    return generate_uid(entropy_srcs=[_UID_NAMESPACE, "device", model.name, model.version])
+
+
+def _algorithm(model: ModelInfo, finding: Finding | None = None) -> AlgorithmIdentification:
+    parameters = None
+    if finding is not None:
+        parameters = [ourcodes.THRESHOLD_PARAMETER.format(threshold=finding.threshold)]
+    return AlgorithmIdentification(
+        name=model.algorithm_name, version=model.version, manufacturer=MANUFACTURER, parameters=parameters
+    )
+
+
+def _comment(text: str) -> TextContentItem:
+    return TextContentItem(
+        name=ourcodes.COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+
+
+class _EntryDescriptors(ImageLibraryEntryDescriptors):
+    """TID 1602 descriptors; TID 1603 (projection radiography) only when the image has its inputs.
+
+    highdicom adds TID 1603 for every CR/DX/... image and then needs PatientOrientation (type 2, may be
+    empty) and ImagerPixelSpacing (type 3 in CR): real CRs without them must still be listed.
+    """
+
+    def _is_projection_radiography(self, ds: pydicom.Dataset) -> bool:
+        complete = (
+            len(ds.get("PatientOrientation") or ()) == 2 and len(ds.get("ImagerPixelSpacing") or ()) == 2
+        )
+        return complete and super()._is_projection_radiography(ds)
+
+
+def _image_library(sources: Sequence[pydicom.Dataset]) -> ContainerContentItem:
+    """TID 1600 Image Library: one Image Library Group (TID 1601 entry + TID 1602 descriptors) per image."""
+    library = ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = ContentSequence()
+    for src in sources:
+        image = ImageContentItem(
+            name=ourcodes.SOURCE,
+            referenced_sop_class_uid=src.SOPClassUID,
+            referenced_sop_instance_uid=src.SOPInstanceUID,
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+        image.ContentSequence = _EntryDescriptors(src)
+        group = ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+        group.ContentSequence = ContentSequence([image])
+        library.ContentSequence.append(group)
+    return library
+
+
+def _check_finding(finding: Finding) -> None:
+    if finding.name not in ourcodes.FINDING_CODES:
+        raise ValueError(f"unknown finding {finding.name!r}; known: {sorted(ourcodes.FINDING_CODES)}")
+    for label, value in (("probability", finding.probability), ("threshold", finding.threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{finding.name}: {label} {value} outside [0, 1]")
+
+
+def _finding_group(
+    finding: Finding, source: pydicom.Dataset, model: ModelInfo, uid: str, label: str
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: finding type, Present/Absent (CID 241), certainty (TID 300), TID 4019."""
+    _check_finding(finding)
+    concept = ourcodes.FINDING_CODES[finding.name]
+    certainty = Measurement(
+        name=ourcodes.CERTAINTY_OF_FINDING,
+        value=round(finding.probability * 100.0, 4),
+        unit=ourcodes.PERCENT,
+        algorithm_id=_algorithm(model, finding),
+    )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=uid, identifier=label),
+        finding_type=concept,
+        algorithm_id=_algorithm(model, finding),
+        measurements=[certainty],
+        qualitative_evaluations=[
+            QualitativeEvaluation(concept, ourcodes.PRESENT if finding.present else ourcodes.ABSENT)
+        ],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+
+
+def _not_assessable_group(
+    result: ImageResult, source: pydicom.Dataset, model: ModelInfo, uid: str, label: str
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for an image the model could not assess: "Undetermined" and the reason, no number."""
+    concept = ourcodes.FINDING_CODES.get(model.name)
+    evaluations = [QualitativeEvaluation(concept, ourcodes.UNDETERMINED)] if concept is not None else None
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=uid, identifier=label),
+        algorithm_id=_algorithm(model),
+        qualitative_evaluations=evaluations,
+        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    reason = result.reason or "not assessable"
+    if not reason.lower().startswith("not assessable"):
+        reason = f"not assessable: {reason}"
+    # TID 1501 allows TEXT qualitative evaluations beside the CODE ones.
+    group[0].ContentSequence.append(_comment(reason))
+    return group
+
+
+def build_report(
+    *,
+    results: Sequence[ImageResult],
+    sources: Sequence[pydicom.Dataset],
+    model: ModelInfo,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    previous_report: pydicom.Dataset | None = None,
+    institution_name: str | None = None,
+) -> Comprehensive3DSR:
+    """Build the Comprehensive 3D SR of one model's results on one study.
+
+    Content tree (PS3.16):
+
+    - TID 1500 "Measurement Report", title (126000, DCM, "Imaging Measurement Report"), procedure
+      reported (363679005, SCT, "Imaging procedure");
+    - TID 1001 observation context with a device observer only (TID 1004): manufacturer
+      ``MANUFACTURER``, model name ``model.name``, device UID stable per model version;
+    - TID 1600 image library listing every dataset in ``sources``;
+    - per (image, finding) one TID 1501 group: tracking identifier + UID (derived from
+      ``sop_instance_uid`` and the group index), "Finding" = the finding's SNOMED code, TID 4019
+      algorithm identification (name, version, manufacturer, decision threshold as parameter), the
+      image as "Source" (CID 7551), a qualitative evaluation finding = Present/Absent (CID 241) and a
+      TID 300 measurement "Certainty of Finding" (CID 6048) in percent, itself with TID 4019;
+    - per not-assessable image one TID 1501 group: finding = Undetermined (CID 240) plus a TEXT
+      "Comment" with the reason, and never a probability;
+    - TID 1500 "Qualitative Evaluations" container with a TEXT "Comment" holding
+      ``DECISION_SUPPORT_NOTICE`` (AI generated decision support, not a diagnosis).
+
+    Patient and study attributes come from ``sources[0]`` (all sources must share the study).
+    Header: Manufacturer ``MANUFACTURER``, ManufacturerModelName ``model.name``, SoftwareVersions
+    ``model.version``, SeriesDescription "AI screening: <name> <version>", CompletionFlag COMPLETE,
+    VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY. ``previous_report`` (an earlier SR of the
+    same study) is listed in the Predecessor Documents Sequence, so this document supersedes it.
+
+    ``sources`` may be read with ``stop_before_pixels=True``. Raises ValueError on inconsistent input
+    (no results, results of another model or of images not in ``sources``, unknown finding names,
+    probabilities outside [0, 1], mixed studies). Returns a highdicom ``Comprehensive3DSR`` (a
+    ``pydicom.Dataset``) with explicit VR little endian file meta; write it with :func:`write_report`.
+    """
+    if not results:
+        raise ValueError("a report needs at least one result")
+    if not sources:
+        raise ValueError("a report needs at least one source image")
+    study_uid = sources[0].StudyInstanceUID
+    if any(src.StudyInstanceUID != study_uid for src in sources):
+        raise ValueError("all sources must belong to one study")
+    if previous_report is not None and previous_report.StudyInstanceUID != study_uid:
+        raise ValueError("previous_report belongs to another study")
+    by_uid = {src.SOPInstanceUID: src for src in sources}
+    image_numbers = {uid: number for number, uid in enumerate(by_uid, start=1)}
+
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+    for result in results:
+        if result.model != model:
+            raise ValueError(f"result of model {result.model.name!r} in a report of {model.name!r}")
+        source = by_uid.get(result.instance.sop_instance_uid)
+        if source is None:
+            raise ValueError(f"result for {result.instance.sop_instance_uid}, which is not among sources")
+        image_no = image_numbers[result.instance.sop_instance_uid]
+        if not result.assessable:
+            index = len(groups)
+            uid = generate_uid(entropy_srcs=[sop_instance_uid, "group", str(index)])
+            groups.append(
+                _not_assessable_group(result, source, model, uid, f"image {image_no}: not assessable")
+            )
+            continue
+        for finding in result.findings:
+            index = len(groups)
+            uid = generate_uid(entropy_srcs=[sop_instance_uid, "group", str(index)])
+            groups.append(_finding_group(finding, source, model, uid, f"image {image_no}: {finding.name}"))
+    if not groups:
+        raise ValueError("results contain no finding and no not-assessable image")
+
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=_device_uid(model),
+            name=model.display_name or model.name,
+            manufacturer_name=MANUFACTURER,
+            model_name=model.name,
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=ourcodes.IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    content = report[0].ContentSequence
+    # highdicom's own TID 1600 cannot list CRs lacking TID 1603 inputs; ours goes where TID 1500 puts it,
+    # just before "Imaging Measurements".
+    content.insert(len(content) - 1, _image_library(sources))
+    # TID 1500 row "Qualitative Evaluations" (not built by highdicom 0.28): the notice, as TEXT.
+    notice = ContainerContentItem(
+        name=ourcodes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    notice.ContentSequence = ContentSequence([_comment(DECISION_SUPPORT_NOTICE)])
+    content.append(notice)
+
+    description = f"AI screening: {model.name} {model.version}"[:64]
+    sr = Comprehensive3DSR(
+        evidence=list(sources),
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        series_description=description,
+        institution_name=institution_name,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[previous_report] if previous_report is not None else None,
+    )
+    log.info(
+        "built SR %s (series %s) of %s %s with %d groups",
+        sop_instance_uid,
+        series_instance_uid,
+        model.name,
+        model.version,
+        len(groups),
+    )
+    return sr
+
+
+def write_report(ds: pydicom.Dataset, path: Path) -> Path:
+    """Write ``ds`` to ``path`` atomically as a DICOM file (Part 10 header, explicit VR little endian).
+
+    An encapsulated (compressed) transfer syntax already in ``ds.file_meta`` is kept. The bytes go to a
+    temporary file beside ``path``, are fsynced, then ``os.replace`` moves them into place (and the
+    directory is fsynced), so readers see either the old file or the complete new one.
+    """
+    path = Path(path)
+    meta = ds.file_meta if hasattr(ds, "file_meta") else FileMetaDataset()
+    transfer_syntax = meta.get("TransferSyntaxUID")
+    if transfer_syntax is None or not transfer_syntax.is_compressed:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; other services read our files
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+__all__ = [
+    "build_report",
+    "input_hash",
+    "report_series_uid",
+    "report_uid",
+    "write_report",
+]

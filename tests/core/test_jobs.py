@@ -1,0 +1,76 @@
+import threading
+import time
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import jobs
+from core.db import transaction
+from core.models import Job
+
+
+def _enqueue(factory: sessionmaker[Session], n: int, **kw: object) -> list[int]:
+    with transaction(factory) as s:
+        return [jobs.enqueue(s, kind="test", payload={"i": i}, **kw).id for i in range(n)]  # type: ignore[arg-type]
+
+
+def test_each_job_is_claimed_by_exactly_one_of_many_workers(factory: sessionmaker[Session]) -> None:
+    ids = _enqueue(factory, 40)
+    claimed: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        mine = claimed.setdefault(name, [])
+        try:
+            while (job := jobs.claim(factory, worker_id=name, lease_seconds=60)) is not None:
+                mine.append(job.id)
+                assert jobs.complete(factory, job.id, worker_id=name)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    every = [j for got in claimed.values() for j in got]
+    assert sorted(every) == sorted(ids)  # nothing twice, nothing missed
+    with factory() as s:
+        assert {j.status for j in s.scalars(select(Job))} == {"done"}
+
+
+def test_expired_lease_is_taken_over_and_the_old_worker_cannot_finish(factory: sessionmaker[Session]) -> None:
+    [job_id] = _enqueue(factory, 1)
+    first = jobs.claim(factory, worker_id="dead", lease_seconds=0.05)
+    assert first is not None and first.id == job_id
+    assert jobs.claim(factory, worker_id="other", lease_seconds=60) is None  # lease still valid
+    time.sleep(0.1)
+    second = jobs.claim(factory, worker_id="alive", lease_seconds=60)
+    assert second is not None and second.id == job_id and second.attempts == 2
+    assert not jobs.complete(factory, job_id, worker_id="dead")
+    assert jobs.complete(factory, job_id, worker_id="alive")
+
+
+def test_retry_then_fail_after_max_attempts(factory: sessionmaker[Session]) -> None:
+    [job_id] = _enqueue(factory, 1, max_attempts=2)
+    job = jobs.claim(factory, worker_id="w", lease_seconds=60)
+    assert job is not None
+    assert jobs.fail(factory, job_id, worker_id="w", error="peer down", retry_in=30) == "pending"
+    assert jobs.claim(factory, worker_id="w", lease_seconds=60) is None  # not due yet
+    assert jobs.fail(factory, job_id, worker_id="w", error="x", retry_in=0) == "lost"  # not running
+    with transaction(factory) as s:
+        s.get(Job, job_id).next_attempt_at = s.get(Job, job_id).created_at  # make it due now
+    job = jobs.claim(factory, worker_id="w", lease_seconds=60)
+    assert job is not None and job.attempts == 2
+    assert jobs.fail(factory, job_id, worker_id="w", error="peer down", retry_in=1) == "failed"
+    with factory() as s:
+        row = s.get(Job, job_id)
+        assert row.status == "failed" and row.last_error == "peer down" and row.finished_at is not None
+
+
+def test_permanent_failure_does_not_retry(factory: sessionmaker[Session]) -> None:
+    [job_id] = _enqueue(factory, 1)
+    assert jobs.claim(factory, worker_id="w", lease_seconds=60) is not None
+    assert jobs.fail(factory, job_id, worker_id="w", error="rejected", retry_in=None) == "failed"
+    assert jobs.claim(factory, worker_id="w", lease_seconds=60) is None

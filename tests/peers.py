@@ -1,0 +1,168 @@
+"""Real external peers for tests: PostgreSQL, dcmtk storescp/storescu, the gateway itself as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DICOM = SHARED / "dicom"
+
+#: storescu proposes only uncompressed syntaxes unless told; one flag per compressed transfer syntax.
+STORESCU_FLAGS = {
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of an external tool; a missing one fails the test (never a silent skip)."""
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} not found: install the Debian package {package} (see README)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on port {port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def storescu(port: int, *files: Path, calling: str = "MODALITY", called: str = "GATEWAY") -> subprocess.CompletedProcess[str]:
+    """Send files with dcmtk storescu, one association per transfer syntax; returns the last result."""
+    require_tool("storescu", "dcmtk")
+    by_ts: dict[str, list[str]] = {}
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        by_ts.setdefault(STORESCU_FLAGS.get(ts, "-x="), []).append(str(f))
+    result: subprocess.CompletedProcess[str] | None = None
+    for flag, names in by_ts.items():
+        result = subprocess.run(
+            ["storescu", flag, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *names],
+            capture_output=True, text=True, timeout=120,
+        )
+        if result.returncode != 0:
+            return result
+    assert result is not None
+    return result
+
+
+@contextmanager
+def storescp(out_dir: Path, port: int | None = None, ae_title: str = "PACS") -> Iterator[int]:
+    """A dcmtk storescp acting as the PACS: writes what it receives to ``out_dir``."""
+    require_tool("storescp", "dcmtk")
+    port = port or free_port()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", ae_title, "-od", str(out_dir), "+xa", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_port(port, proc=proc)
+        yield port
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def postgres_server(base: Path) -> Iterator[str]:
+    """Start a throw-away PostgreSQL cluster on a free loopback port; yields an admin URL."""
+    bindir = _pg_bindir()
+    data = base / "pgdata"
+    port = free_port()
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    base.mkdir(parents=True, exist_ok=True)
+    if as_root:
+        shutil.chown(base, "postgres")
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                    "--no-sync"], check=True, capture_output=True)
+    log = base / "pg.log"
+    subprocess.run(
+        [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+         f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start"],
+        check=True, capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+
+
+def _pg_bindir() -> Path:
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists():
+            return candidate
+    raise FileNotFoundError("PostgreSQL server binaries not found (Debian package postgresql)")
+
+
+def create_database(admin_url: str) -> str:
+    """A fresh empty database on the server; returns its URL."""
+    import sqlalchemy as sa
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+@contextmanager
+def gateway_serve(env: dict[str, str], log_path: Path, timeout: float = 90.0) -> Iterator[subprocess.Popen[bytes]]:
+    """`gateway serve` as a subprocess, ready once both its DICOM and HTTP ports accept connections."""
+    full_env = {**os.environ, **env}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+        try:
+            wait_port(int(env["GATEWAY_DICOM__PORT"]), timeout, proc)
+            wait_port(int(env["GATEWAY_HTTP__PORT"]), timeout, proc)
+            yield proc
+        finally:
+            stop(proc, 20)

@@ -67,22 +67,43 @@ class Storage:
     def write_bytes(self, relative: str, data: bytes | memoryview) -> Path:
         """Durably write ``data`` to ``relative``; returns the absolute path."""
         target = self.absolute(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.tmp_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
-        return target
+        return write_atomic(target, data, tmp_dir=self.tmp_dir)
 
     def exists(self, relative: str) -> bool:
         return self.absolute(relative).is_file()
+
+
+def write_atomic(target: Path, data: bytes | memoryview, *, tmp_dir: Path | None = None) -> Path:
+    """Write ``data`` to ``target`` so that readers see the old file or the whole new one, never a part.
+
+    Temp file (in ``tmp_dir``, default the target's folder; same file system), fsync, atomic rename, fsync of
+    the folder. Folders created on the way are fsynced into their parents too.
+    """
+    created = _make_parents(target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=tmp_dir or target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; PACS tools and backups read these files
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    for folder in [target.parent, *[c.parent for c in created]]:
+        _fsync_dir(folder)
+    return target
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pydicom.sr.coding import Code
 
 # Findings our models report (TID 1501 row "Finding" and the concept name of the qualitative evaluation).
-# SNOMED CT disorder concepts (preferred terms).
+# SNOMED CT disorder concepts; code meanings are LO (at most 64 characters), so 840539006 carries its
+# SNOMED synonym "COVID-19" rather than the 66-character fully specified name.
 FINDING_CODES: dict[str, Code] = {
     "glaucoma": Code("23986001", "SCT", "Glaucoma"),
     "pneumonia": Code("233604007", "SCT", "Pneumonia"),
     "bacterial_pneumonia": Code("53084003", "SCT", "Bacterial pneumonia"),
     "viral_pneumonia": Code("75570004", "SCT", "Viral pneumonia"),
-    "covid19": Code("840539006", "SCT", "Disease caused by severe acute respiratory syndrome coronavirus 2"),
+    "covid19": Code("840539006", "SCT", "COVID-19"),
 }
 
 # Value of the qualitative evaluation: CID 241 "Present-Absent Only". The standard's CID 241 lists

@@ -6,9 +6,8 @@ Also the deterministic UIDs of those documents and an atomic writer.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from core.domain import DECISION_SUPPORT_NOTICE, MANUFACTURER, Finding, ImageResult, ModelInfo
+from core.storage import write_atomic
 from reporting import codes as ourcodes
 
 log = logging.getLogger(__name__)
@@ -304,35 +304,19 @@ def build_report(
 
 
 def write_report(ds: pydicom.Dataset, path: Path) -> Path:
-    """Write ``ds`` to ``path`` atomically as a DICOM file (Part 10 header, explicit VR little endian).
+    """Write ``ds`` atomically as a DICOM file (Part 10 header, explicit VR little endian).
 
-    An encapsulated (compressed) transfer syntax already in ``ds.file_meta`` is kept. The bytes go to a
-    temporary file beside ``path``, are fsynced, then ``os.replace`` moves them into place (and the
-    directory is fsynced), so readers see either the old file or the complete new one.
+    An encapsulated (compressed) transfer syntax already in ``ds.file_meta`` is kept. Readers see either the
+    old file or the complete new one (core.storage.write_atomic).
     """
-    path = Path(path)
     meta = ds.file_meta if hasattr(ds, "file_meta") else FileMetaDataset()
     transfer_syntax = meta.get("TransferSyntaxUID")
     if transfer_syntax is None or not transfer_syntax.is_compressed:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; other services read our files
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return write_atomic(Path(path), buffer.getbuffer())
 
 
 __all__ = [

@@ -47,8 +47,14 @@ def chest_gray(size: int = 256, index: int = 0) -> np.ndarray:
     return cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (size, size), interpolation=cv2.INTER_AREA)
 
 
-def base_dataset(sop_class: str, modality: str, *, study_uid: str | None = None, series_uid: str | None = None,
-                 patient_id: str = "TEST-001") -> Dataset:
+def base_dataset(
+    sop_class: str,
+    modality: str,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "TEST-001",
+) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -75,7 +81,7 @@ def base_dataset(sop_class: str, modality: str, *, study_uid: str | None = None,
 
 
 def _set_pixels(ds: Dataset, pixels: np.ndarray, *, bits: int = 8) -> Dataset:
-    if pixels.ndim == 3 and pixels.shape[-1] == 3 or pixels.ndim == 4:
+    if (pixels.ndim == 3 and pixels.shape[-1] == 3) or pixels.ndim == 4:
         ds.SamplesPerPixel = 3
         ds.PhotometricInterpretation = "RGB"
         ds.PlanarConfiguration = 0
@@ -107,8 +113,9 @@ def vl_photographic(**kw: str) -> Dataset:
     return _set_pixels(ds, fundus_rgb())
 
 
-def secondary_capture_fundus(*, multiframe: bool = False, description: str = "Fundus photograph",
-                             **kw: str) -> Dataset:
+def secondary_capture_fundus(
+    *, multiframe: bool = False, description: str = "Fundus photograph", **kw: str
+) -> Dataset:
     ds = base_dataset(SC_MF_TRUE_COLOR if multiframe else SC, "OT", **kw)
     ds.ConversionType = "DI"
     ds.SeriesDescription = description
@@ -116,8 +123,9 @@ def secondary_capture_fundus(*, multiframe: bool = False, description: str = "Fu
     return _set_pixels(ds, np.stack([rgb, fundus_rgb(index=1)]) if multiframe else rgb)
 
 
-def chest_radiograph(*, sop_class: str = DX_PRESENTATION, modality: str = "DX", body_part: str | None = "CHEST",
-                     **kw: str) -> Dataset:
+def chest_radiograph(
+    *, sop_class: str = DX_PRESENTATION, modality: str = "DX", body_part: str | None = "CHEST", **kw: str
+) -> Dataset:
     ds = base_dataset(sop_class, modality, **kw)
     if body_part is not None:
         ds.BodyPartExamined = body_part

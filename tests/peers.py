@@ -71,7 +71,9 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             proc.wait()
 
 
-def storescu(port: int, *files: Path, calling: str = "MODALITY", called: str = "GATEWAY") -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, *files: Path, calling: str = "MODALITY", called: str = "GATEWAY"
+) -> subprocess.CompletedProcess[str]:
     """Send files with dcmtk storescu, one association per transfer syntax; returns the last result."""
     require_tool("storescu", "dcmtk")
     by_ts: dict[str, list[str]] = {}
@@ -82,12 +84,34 @@ def storescu(port: int, *files: Path, calling: str = "MODALITY", called: str = "
     for flag, names in by_ts.items():
         result = subprocess.run(
             ["storescu", flag, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *names],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if result.returncode != 0:
             return result
     assert result is not None
     return result
+
+
+def send_file(port: int, path: Path, *, calling: str = "PYNETDICOM", called: str = "GATEWAY") -> int:
+    """C-STORE one file with pynetdicom as SCU, bytes as they are on disk; returns the status.
+
+    The command's SOP Class/Instance UIDs come from the file meta, so malformed files travel unchanged.
+    """
+    from pynetdicom import AE
+    from pynetdicom import _config as pynetdicom_config
+
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    meta = pydicom.filereader.read_file_meta_info(path)
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association rejected"
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
 
 
 @contextmanager
@@ -98,7 +122,8 @@ def storescp(out_dir: Path, port: int | None = None, ae_title: str = "PACS") -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         ["storescp", "-aet", ae_title, "-od", str(out_dir), "+xa", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_port(port, proc=proc)
@@ -118,19 +143,34 @@ def postgres_server(base: Path) -> Iterator[str]:
     base.mkdir(parents=True, exist_ok=True)
     if as_root:
         shutil.chown(base, "postgres")
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run(
+        [*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     log = base / "pg.log"
     subprocess.run(
-        [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
-         f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start"],
-        check=True, capture_output=True,
+        [
+            *prefix,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-w",
+            "-o",
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
     )
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
 
 
 def _pg_bindir() -> Path:
@@ -153,12 +193,18 @@ def create_database(admin_url: str) -> str:
 
 
 @contextmanager
-def gateway_serve(env: dict[str, str], log_path: Path, timeout: float = 90.0) -> Iterator[subprocess.Popen[bytes]]:
+def gateway_serve(
+    env: dict[str, str], log_path: Path, timeout: float = 90.0
+) -> Iterator[subprocess.Popen[bytes]]:
     """`gateway serve` as a subprocess, ready once both its DICOM and HTTP ports accept connections."""
     full_env = {**os.environ, **env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            [sys.executable, "-m", "gateway", "serve"],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         try:
             wait_port(int(env["GATEWAY_DICOM__PORT"]), timeout, proc)

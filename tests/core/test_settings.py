@@ -21,7 +21,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_DICOM__AE_TITLE", "SCREEN1")
     monkeypatch.setenv("GATEWAY_DICOM__ALLOWED_CALLING_AES", "CT1, MODALITY")
-    monkeypatch.setenv("GATEWAY_DESTINATIONS", '[{"name":"pacs","ae_title":"PACS","host":"10.0.0.5","port":104}]')
+    monkeypatch.setenv(
+        "GATEWAY_DESTINATIONS", '[{"name":"pacs","ae_title":"PACS","host":"10.0.0.5","port":104}]'
+    )
     monkeypatch.setenv("GATEWAY_DATABASE_URL", "postgresql+psycopg://u:p@db/gw")
     monkeypatch.setenv("GATEWAY_COMPLETION__QUIET_SECONDS", "0.5")
     monkeypatch.setenv("GATEWAY_ROUTING__CHEST_BODY_PARTS", "CHEST,LUNG")
@@ -54,7 +56,8 @@ def test_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch, name: str, va
 
 def test_cli_refuses_invalid_settings_at_start_up(tmp_path) -> None:
     env = {"GATEWAY_DICOM__PORT": "-3", "GATEWAY_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "gateway", "serve"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert "GATEWAY_DICOM__PORT" in proc.stderr

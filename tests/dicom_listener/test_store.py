@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import warnings
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +12,6 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,15 +20,21 @@ from core.settings import DicomSettings
 from core.storage import Storage
 from dicom_listener.server import Listener, serve
 from tests import factories as f
-from tests.peers import SHARED_DICOM, storescu
+from tests.peers import SHARED_DICOM, send_file, storescu
 
 REAL_FILES = sorted(SHARED_DICOM.glob("*.dcm"))
 
 
 @pytest.fixture
 def listener(storage: Storage, factory: sessionmaker[Session]) -> Iterator[Listener]:
-    settings = DicomSettings(host="127.0.0.1", port=0, allowed_calling_aes=["MODALITY", "PYNETDICOM"],
-                             acse_timeout=5, dimse_timeout=10, network_timeout=10)
+    settings = DicomSettings(
+        host="127.0.0.1",
+        port=0,
+        allowed_calling_aes=["MODALITY", "PYNETDICOM"],
+        acse_timeout=5,
+        dimse_timeout=10,
+        network_timeout=10,
+    )
     server = serve(settings, storage, factory)
     yield server
     server.shutdown()
@@ -40,28 +45,10 @@ def _count(factory: sessionmaker[Session]) -> int:
         return int(s.scalar(select(func.count(Instance.id))) or 0)
 
 
-def _send(port: int, path_or_ds: Path | pydicom.Dataset, *, sop_class: str | None = None,
-          transfer_syntax: str | None = None) -> int:
-    """C-STORE with pynetdicom; a Path is sent as raw file bytes (so malformed files travel as they are)."""
-    ae = AE(ae_title="PYNETDICOM")
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send files as they are, command UIDs from file meta
-    if isinstance(path_or_ds, Path):
-        meta = pydicom.filereader.read_file_meta_info(path_or_ds)
-        sop_class = sop_class or str(meta.MediaStorageSOPClassUID)
-        transfer_syntax = transfer_syntax or str(meta.TransferSyntaxUID)
-    ae.add_requested_context(sop_class, transfer_syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="GATEWAY")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(path_or_ds)
-        return int(status.Status)
-    finally:
-        assoc.release()
-
-
 @pytest.mark.parametrize("path", REAL_FILES, ids=[p.name for p in REAL_FILES])
-def test_storescu_real_vendor_files_are_stored_intact(listener: Listener, factory: sessionmaker[Session],
-                                                      storage: Storage, path: Path) -> None:
+def test_storescu_real_vendor_files_are_stored_intact(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, path: Path
+) -> None:
     result = storescu(listener.port, path)
     assert result.returncode == 0, result.stderr
     original = pydicom.dcmread(path)
@@ -106,12 +93,13 @@ def test_sop_classes(listener: Listener, factory: sessionmaker[Session], tmp_pat
 
 
 @pytest.mark.parametrize("syntax", list(SYNTAXES))
-def test_transfer_syntaxes(listener: Listener, factory: sessionmaker[Session], storage: Storage,
-                           tmp_path: Path, syntax: str) -> None:
+def test_transfer_syntaxes(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, tmp_path: Path, syntax: str
+) -> None:
     ds = f.vl_photographic() if syntax == "jpeg-baseline" else f.chest_radiograph()
     path = f.save(ds, tmp_path / "in.dcm", SYNTAXES[syntax])
     sent_ts = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
-    assert _send(listener.port, path) == 0x0000
+    assert send_file(listener.port, path) == 0x0000
     with factory() as s:
         inst = s.scalars(select(Instance)).one()
     assert inst.transfer_syntax_uid == sent_ts
@@ -119,8 +107,9 @@ def test_transfer_syntaxes(listener: Listener, factory: sessionmaker[Session], s
     assert stored.pixel_array.shape == pydicom.dcmread(path).pixel_array.shape
 
 
-def test_same_instance_twice_is_stored_once(listener: Listener, factory: sessionmaker[Session],
-                                            storage: Storage) -> None:
+def test_same_instance_twice_is_stored_once(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage
+) -> None:
     path = SHARED_DICOM / "dx_chest_small.dcm"
     assert storescu(listener.port, path).returncode == 0
     with factory() as s:
@@ -134,8 +123,12 @@ def test_same_instance_twice_is_stored_once(listener: Listener, factory: session
 
 
 def test_echo(listener: Listener) -> None:
-    result = subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", str(listener.port)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["echoscu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", str(listener.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -158,52 +151,61 @@ def _assert_kept(factory: sessionmaker[Session], storage: Storage, n: int) -> No
     assert list(storage.tmp_dir.iterdir()) == []
 
 
-def test_truncated_dataset_is_refused(listener: Listener, factory: sessionmaker[Session], storage: Storage,
-                                      stored_before: int, tmp_path: Path) -> None:
+def test_truncated_dataset_is_refused(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, stored_before: int, tmp_path: Path
+) -> None:
     good = f.save(f.chest_radiograph(), tmp_path / "good.dcm")
     data = good.read_bytes()
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(data[: len(data) // 2])
-    assert _send(listener.port, truncated) == 0xC000
+    assert send_file(listener.port, truncated) == 0xC000
     _assert_kept(factory, storage, stored_before)
 
 
-def test_uid_mismatch_with_the_command_is_refused(listener: Listener, factory: sessionmaker[Session],
-                                                  storage: Storage, stored_before: int, tmp_path: Path) -> None:
+def test_uid_mismatch_with_the_command_is_refused(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, stored_before: int, tmp_path: Path
+) -> None:
     ds = f.chest_radiograph()
     path = f.save(ds, tmp_path / "x.dcm")
     # The command's Affected SOP Instance UID comes from the file meta; the dataset says otherwise.
     meta_lie = pydicom.dcmread(path)
     meta_lie.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     meta_lie.save_as(path)
-    assert _send(listener.port, path) == 0xA900
+    assert send_file(listener.port, path) == 0xA900
     # SOP class differing from the command's (a CR dataset sent as DX).
     ds2 = f.chest_radiograph(sop_class=f.CR, modality="CR")
     path2 = f.save(ds2, tmp_path / "y.dcm")
     lie2 = pydicom.dcmread(path2)
     lie2.file_meta.MediaStorageSOPClassUID = f.DX_PRESENTATION
     lie2.save_as(path2)
-    assert _send(listener.port, path2) == 0xA900
+    assert send_file(listener.port, path2) == 0xA900
     _assert_kept(factory, storage, stored_before)
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 @pytest.mark.parametrize("bad_uid", ["../../x", "1.2.3/../../../etc/passwd"])
-def test_path_traversal_uid_is_refused(listener: Listener, factory: sessionmaker[Session], storage: Storage,
-                                       stored_before: int, tmp_path: Path, bad_uid: str) -> None:
+def test_path_traversal_uid_is_refused(
+    listener: Listener,
+    factory: sessionmaker[Session],
+    storage: Storage,
+    stored_before: int,
+    tmp_path: Path,
+    bad_uid: str,
+) -> None:
     for field in ("StudyInstanceUID", "SeriesInstanceUID"):
         ds = f.chest_radiograph()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom rightly warns about the invalid UI value
             setattr(ds, field, bad_uid)
             path = f.save(ds, tmp_path / f"{field}.dcm")
-        assert _send(listener.port, path) == 0xC000
+        assert send_file(listener.port, path) == 0xC000
     _assert_kept(factory, storage, stored_before)
     assert not any(p.name == "x" for p in storage.root.parent.rglob("x"))
 
 
-def test_unsupported_sop_class_is_rejected(listener: Listener, factory: sessionmaker[Session],
-                                           storage: Storage, stored_before: int, tmp_path: Path) -> None:
+def test_unsupported_sop_class_is_rejected(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, stored_before: int, tmp_path: Path
+) -> None:
     ds = f.chest_radiograph()
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.9.9999.1"
     path = f.save(ds, tmp_path / "private.dcm")
@@ -217,26 +219,28 @@ def test_unsupported_sop_class_is_rejected(listener: Listener, factory: sessionm
     _assert_kept(factory, storage, stored_before)
 
 
-def test_disallowed_calling_ae_is_rejected(listener: Listener, factory: sessionmaker[Session],
-                                           storage: Storage, stored_before: int) -> None:
+def test_disallowed_calling_ae_is_rejected(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, stored_before: int
+) -> None:
     result = storescu(listener.port, SHARED_DICOM / "cr_hip_rle.dcm", calling="INTRUDER")
     assert result.returncode != 0
     assert "rejected" in result.stderr.lower()
     _assert_kept(factory, storage, stored_before)
 
 
-def test_disk_failure_answers_out_of_resources(listener: Listener, factory: sessionmaker[Session],
-                                               storage: Storage, stored_before: int, tmp_path: Path) -> None:
+def test_disk_failure_answers_out_of_resources(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, stored_before: int, tmp_path: Path
+) -> None:
     path = f.save(f.chest_radiograph(), tmp_path / "x.dcm")
     shutil.rmtree(storage.tmp_dir)
     storage.tmp_dir.write_bytes(b"")  # the spool folder is now a file: every write fails (ENOTDIR)
     try:
-        assert _send(listener.port, path) == 0xA700
+        assert send_file(listener.port, path) == 0xA700
     finally:
         storage.tmp_dir.unlink()
         storage.prepare()
     _assert_kept(factory, storage, stored_before)
-    assert _send(listener.port, path) == 0x0000  # recovered
+    assert send_file(listener.port, path) == 0x0000  # recovered
     _assert_kept(factory, storage, stored_before + 1)
 
 

@@ -351,3 +351,23 @@ def test_sources_in_one_study_factory_is_consistent(chest_study: dict[str, pydic
     assert cr.StudyInstanceUID == dx.StudyInstanceUID != original.StudyInstanceUID
     assert cr.SOPInstanceUID == original.SOPInstanceUID
     assert into_study(original, dx).SeriesInstanceUID == cr.SeriesInstanceUID != original.SeriesInstanceUID
+
+
+@pytest.mark.parametrize("finding", sorted(codes.FINDING_CODES))
+def test_every_finding_code_builds_a_valid_report(tmp_path: Path, finding: str) -> None:
+    dx = pydicom.dcmread(SHARED_DICOM / "dx_chest_small.dcm", stop_before_pixels=True)
+    model = ModelInfo(name="covid19" if finding == "covid19" else "pneumonia", version="1.0.0")
+    result = ImageResult(
+        instance=ref(dx),
+        model=model,
+        assessable=True,
+        findings=(Finding(finding, probability=0.61, threshold=0.5, present=True),),
+    )
+    sr = build_report(
+        results=[result],
+        sources=[dx],
+        model=model,
+        sop_instance_uid=report_uid(dx.StudyInstanceUID, model, [dx.SOPInstanceUID]),
+        series_instance_uid=report_series_uid(dx.StudyInstanceUID, model),
+    )
+    assert_dciodvfy_clean(write_report(sr, tmp_path / "sr.dcm"))

@@ -1,0 +1,249 @@
+"""End to end with real peers: dcmtk storescu -> `gateway serve` (subprocess) -> SR -> dcmtk storescp (PACS).
+
+Covers: every shared vendor file routed or skipped with its reason, SRs that pass dciodvfy and reference the
+sent instances, a destination that is down getting the SR once it comes up, a late instance superseding the
+first SR, a re-send making no second report, and our own SR sent back in not being processed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from tests import factories as f
+from tests.inference.tiny_models import make_tiny_bundles
+from tests.peers import SHARED_DICOM, create_database, free_port, gateway_serve, send_file, storescp, storescu
+from tests.reporting.dciodvfy import assert_dciodvfy_clean
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _received_srs(folder: Path) -> dict[str, pydicom.Dataset]:
+    out = {}
+    for path in folder.glob("*"):
+        if path.is_file():
+            ds = pydicom.dcmread(path)
+            if str(ds.SOPClassUID).startswith(SR_PREFIX):
+                out[str(ds.SOPInstanceUID)] = ds
+    return out
+
+
+def _referenced_uids(ds: pydicom.Dataset) -> set[str]:
+    uids = set()
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            for ref in item.get("ReferencedSOPSequence", []):
+                uids.add(str(ref.ReferencedSOPInstanceUID))
+            walk(item.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    return uids
+
+
+def _texts(ds: pydicom.Dataset) -> list[str]:
+    found: list[str] = []
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if "TextValue" in item:
+                found.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    return found
+
+
+class Gateway:
+    def __init__(self, dicom_port: int, http_port: int) -> None:
+        self.dicom_port = dicom_port
+        self.http_port = http_port
+
+    def api(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def study(self, uid: str) -> dict[str, Any]:
+        return self.api(f"/api/studies/{uid}")
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("e2e")
+    bundles = make_tiny_bundles(root / "models")
+    pacs_dir, later_dir = root / "pacs", root / "later"
+    pacs_port, later_port = free_port(), free_port()
+    dicom_port, http_port = free_port(), free_port()
+    settings = {
+        "GATEWAY_DATA_DIR": str(root / "var"),
+        "GATEWAY_DICOM__PORT": str(dicom_port),
+        "GATEWAY_HTTP__PORT": str(http_port),
+        "GATEWAY_DICOM__ALLOWED_CALLING_AES": "MODALITY,PACS_QR",
+        "GATEWAY_COMPLETION__QUIET_SECONDS": "0.5",
+        "GATEWAY_COMPLETION__MAX_WAIT_SECONDS": "10",
+        "GATEWAY_INFERENCE__MODEL_DIRS": str(bundles),
+        "GATEWAY_WORKER__THREADS": "2",
+        "GATEWAY_WORKER__RETRY_BASE_SECONDS": "0.3",
+        "GATEWAY_WORKER__RETRY_CAP_SECONDS": "1",
+        "GATEWAY_DESTINATIONS": json.dumps(
+            [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port},
+                {"name": "later", "ae_title": "LATER", "host": "127.0.0.1", "port": later_port},
+            ]
+        ),
+    }
+    if request.param == "postgres":
+        settings["GATEWAY_DATABASE_URL"] = create_database(request.getfixturevalue("pg_admin_url"))
+    with storescp(pacs_dir, pacs_port), gateway_serve(settings, root / "gateway.log"):
+        yield {
+            "gw": Gateway(dicom_port, http_port),
+            "pacs": pacs_dir,
+            "later": (later_dir, later_port),
+            "root": root,
+        }
+
+
+def test_vendor_files_become_valid_reports_at_the_pacs(env: dict[str, Any]) -> None:
+    gw: Gateway = env["gw"]
+    files = {
+        name: SHARED_DICOM / name
+        for name in ("cr_chest_jpegls.dcm", "dx_chest_small.dcm", "sc_fundus_j2k.dcm", "cr_hip_rle.dcm")
+    }
+    sources = {name: pydicom.dcmread(p, stop_before_pixels=True) for name, p in files.items()}
+    result = storescu(gw.dicom_port, *files.values())
+    assert result.returncode == 0, result.stderr
+
+    expected = {
+        "cr_chest_jpegls.dcm": {"pneumonia", "covid19"},
+        "dx_chest_small.dcm": {"pneumonia", "covid19"},
+        "sc_fundus_j2k.dcm": {"glaucoma"},
+    }
+    want = sum(len(v) for v in expected.values())
+    received = _wait(
+        f"{want} SRs at the PACS", lambda: (r := _received_srs(env["pacs"])) and len(r) >= want and r
+    )
+    assert len(received) == want
+    for name, models in expected.items():
+        src = sources[name]
+        mine = [ds for ds in received.values() if ds.StudyInstanceUID == src.StudyInstanceUID]
+        assert {ds.ManufacturerModelName for ds in mine} == models
+        for ds in mine:
+            assert ds.Manufacturer == "screening-gateway"
+            assert ds.VerificationFlag == "UNVERIFIED"
+            assert ds.PatientID == src.PatientID
+            assert str(src.SOPInstanceUID) in _referenced_uids(ds)
+            assert any("not a diagnosis" in t for t in _texts(ds))
+    for path in env["pacs"].iterdir():
+        assert_dciodvfy_clean(path)
+
+    hip = gw.study(sources["cr_hip_rle.dcm"].StudyInstanceUID)
+    assert [r["reason"] for r in hip["routing"]] == ["body part HIP"]
+    assert hip["reports"] == [] and hip["predictions"] == []
+    dx = gw.study(sources["dx_chest_small.dcm"].StudyInstanceUID)
+    assert {p["model"] for p in dx["predictions"]} == {"pneumonia", "covid19"}
+    assert {d["destination"]: d["status"] for r in dx["reports"] for d in r["deliveries"]}["pacs"] == "sent"
+    listed = {s["study_instance_uid"] for s in gw.api("/api/studies")}
+    assert {str(s.StudyInstanceUID) for s in sources.values()} <= listed
+
+
+def test_destination_down_gets_the_report_once_it_comes_up(env: dict[str, Any]) -> None:
+    gw: Gateway = env["gw"]
+    later_dir, later_port = env["later"]
+    uid = str(pydicom.dcmread(SHARED_DICOM / "sc_fundus_j2k.dcm", stop_before_pixels=True).StudyInstanceUID)
+
+    def failing() -> bool:
+        [report] = gw.study(uid)["reports"]
+        later = next(d for d in report["deliveries"] if d["destination"] == "later")
+        return later["status"] == "pending" and later["attempts"] >= 2 and bool(later["last_error"])
+
+    _wait("failed attempts to the down destination", failing)
+    [report] = gw.study(uid)["reports"]
+    with storescp(later_dir, later_port, ae_title="LATER"):
+        _wait(
+            "the SR at the destination that came up",
+            lambda: report["sop_instance_uid"] in _received_srs(later_dir),
+            timeout=30,
+        )
+
+        def sent() -> bool:
+            [now] = gw.study(uid)["reports"]
+            return {d["destination"]: d["status"] for d in now["deliveries"]} == {
+                "pacs": "sent",
+                "later": "sent",
+            }
+
+        _wait("both deliveries marked sent", sent, timeout=10)
+
+
+def test_late_instance_supersedes_and_resend_is_idempotent(env: dict[str, Any], tmp_path: Path) -> None:
+    gw: Gateway = env["gw"]
+    study_uid = generate_uid()
+    first = f.save(f.chest_radiograph(study_uid=study_uid), tmp_path / "first.dcm")
+    assert storescu(gw.dicom_port, first).returncode == 0
+
+    def reports(n: int) -> list[dict[str, Any]] | None:
+        got = [r for r in gw.study(study_uid)["reports"] if r["model"] == "pneumonia"]
+        return (
+            got
+            if len(got) >= n
+            and all(d["status"] == "sent" for r in got for d in r["deliveries"] if d["destination"] == "pacs")
+            else None
+        )
+
+    [one] = _wait("first report", lambda: reports(1))
+    # The same instance again: stored once, the study is not reopened, no second report.
+    assert storescu(gw.dicom_port, first).returncode == 0
+    time.sleep(2.0)
+    assert len(reports(1) or []) == 1 and gw.study(study_uid)["instances"] == 1
+
+    late = f.save(f.chest_radiograph(study_uid=study_uid), tmp_path / "late.dcm")
+    assert storescu(gw.dicom_port, late).returncode == 0
+    old, new = _wait("superseding report", lambda: reports(2))
+    assert old["sop_instance_uid"] == one["sop_instance_uid"] and new["supersedes"] == one["sop_instance_uid"]
+    sr = _received_srs(env["pacs"])[new["sop_instance_uid"]]
+    assert [
+        str(x.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for s in sr.PredecessorDocumentsSequence
+        for x in s.ReferencedSeriesSequence
+    ] == [one["sop_instance_uid"]]
+    assert _referenced_uids(sr) >= {pydicom.dcmread(p).SOPInstanceUID for p in (first, late)}
+
+
+def test_our_own_report_sent_back_is_not_processed(env: dict[str, Any]) -> None:
+    gw: Gateway = env["gw"]
+    ours = next(
+        p for p in sorted(env["pacs"].iterdir()) if pydicom.dcmread(p).SOPClassUID.startswith(SR_PREFIX)
+    )
+    ds = pydicom.dcmread(ours)
+    before = gw.study(ds.StudyInstanceUID)
+    # dcmtk 3.6.7's storescu does not know Comprehensive 3D SR Storage; pynetdicom does.
+    assert send_file(gw.dicom_port, ours, calling="PACS_QR") == 0x0000
+
+    def processed() -> dict[str, Any] | None:
+        study = gw.study(ds.StudyInstanceUID)
+        return study if study["status"] == "complete" and len(study["jobs"]) > len(before["jobs"]) else None
+
+    study = _wait("the returned SR's study to be processed", processed)
+    srs = [r for r in study["routing"] if r["job_id"] == study["jobs"][-1]["id"]]
+    assert any(not r["routed"] and "loop prevention" in r["reason"] for r in srs)
+    assert len(study["reports"]) == len(before["reports"])

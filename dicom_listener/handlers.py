@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import cast
 
 from pydicom import Dataset
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,7 +66,7 @@ def handle_store(
     from the command's; 0xA700 when the disk or the database fails.
     """
     calling_ae = event.assoc.requestor.ae_title.strip()
-    request = event.request
+    request = cast(C_STORE, event.request)
     try:
         ds = event.dataset
         meta = InstanceMeta.from_dataset(ds, str(event.context.transfer_syntax))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000TransferSyntaxes,
@@ -58,6 +59,7 @@ def build_ae(settings: DicomSettings) -> AE:
         ae.require_calling_aet = list(settings.allowed_calling_aes)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 
@@ -65,7 +67,7 @@ def build_ae(settings: DicomSettings) -> AE:
 def serve(settings: DicomSettings, storage: Storage, factory: sessionmaker[Session]) -> Listener:
     """Start listening in background threads; returns a handle whose ``shutdown()`` stops it."""
     studies = AssociationStudies()
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [storage, factory, studies]),
         (evt.EVT_CONN_CLOSE, handle_closed, [factory, studies]),

@@ -6,15 +6,19 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from core.settings import Settings, SettingsError, load_settings
 
-app = typer.Typer(help="screening-gateway: AI screening in the PACS workflow (research decision support only).",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="screening-gateway: AI screening in the PACS workflow (research decision support only).",
+    no_args_is_help=True,
+    add_completion=False,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
@@ -37,7 +41,9 @@ def _settings() -> Settings:
 
 @app.command()
 def serve(
-    migrate: Annotated[bool, typer.Option(help="Bring the database schema to the latest revision first.")] = True,
+    migrate: Annotated[
+        bool, typer.Option(help="Bring the database schema to the latest revision first.")
+    ] = True,
 ) -> None:
     """Run the DICOM listener, the HTTP API and (GATEWAY_WORKER__THREADS) workers in one process."""
     import uvicorn
@@ -79,7 +85,11 @@ def worker() -> None:
     from gateway.worker import Worker
 
     settings = _settings()
-    rt = build_runtime(settings, migrate=False)
+    try:
+        rt = build_runtime(settings, migrate=False)
+    except Exception as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
     w = Worker(rt)
     signal.signal(signal.SIGTERM, lambda *_: w.stop.set())
     try:
@@ -107,7 +117,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files or folders.", exists=True)],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (default: by image).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model name (default: by image).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file.")] = False,
 ) -> None:
     """Run a model on files and print its findings (research use only, not a diagnosis)."""
@@ -122,7 +134,7 @@ def predict(
     if not registry.names():
         typer.echo("no models installed (GATEWAY_INFERENCE__MODEL_DIRS)", err=True)
         raise typer.Exit(2)
-    for row in predict_paths(paths, registry, model):
+    for row in predict_paths(paths, registry, model, choose=None if model else _route_by_header(settings)):
         if as_json:
             typer.echo(json.dumps(row))
             continue
@@ -130,9 +142,32 @@ def predict(
         if not row.get("assessable"):
             typer.echo(f"{head}: {row.get('reason')}")
             continue
-        found = ", ".join(f"{f['finding']} {f['label']} (p={f['probability']:.3f}, thr {f['threshold']:.2f})"
-                          for f in row["findings"])
+        found = ", ".join(
+            f"{f['finding']} {f['label']} (p={f['probability']:.3f}, thr {f['threshold']:.2f})"
+            for f in row["findings"]
+        )
         typer.echo(f"{head}: {found}")
+
+
+def _route_by_header(settings: Settings) -> Callable[[Path, Any], Sequence[str] | str]:
+    """DICOM files go where the routing rules send them; PNG/JPEG by colour (fundus) or gray (chest)."""
+    import pydicom
+
+    from inference.gate import is_colour
+    from inference.preprocess import is_dicom_file
+    from inference.routing import SeriesInfo, route_series
+
+    def choose(path: Path, image: Any) -> Sequence[str] | str:
+        if is_dicom_file(path):
+            routes = route_series(
+                SeriesInfo.from_dataset(pydicom.dcmread(path, stop_before_pixels=True)), settings.routing
+            )
+            names = [r.model_name for r in routes if r.model_name]
+            return names or routes[0].reason
+        models = settings.routing.fundus_models if is_colour(image) else settings.routing.chest_models
+        return list(models)
+
+    return choose
 
 
 def main() -> None:

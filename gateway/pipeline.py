@@ -15,13 +15,22 @@ from sqlalchemy.orm import Session
 from core.db import transaction
 from core.domain import ImageResult, InstanceRef
 from core.jobs import ClaimedJob, enqueue
-from core.models import AuditEvent, Delivery, Instance, Prediction, Report, RoutingDecision, Series, Study, utcnow
+from core.models import (
+    AuditEvent,
+    Delivery,
+    Instance,
+    Prediction,
+    Report,
+    RoutingDecision,
+    Series,
+    Study,
+    utcnow,
+)
+from gateway.runtime import Runtime
 from inference.base import run_model
 from inference.routing import SeriesInfo, route_series
 from reporting.delivery import backoff_delay, send_cstore
 from reporting.sr import build_report, input_hash, report_series_uid, report_uid, write_report
-
-from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +74,29 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
                 reason = route.reason
                 if route.model_name and route.model_name not in rt.registry.names():
                     reason = f"model {route.model_name} is not installed"
-                    decisions.append(RoutingDecision(job_id=job.id, series_id=series.id,
-                                                     model_name=route.model_name, routed=False, reason=reason))
+                    decisions.append(
+                        RoutingDecision(
+                            job_id=job.id,
+                            series_id=series.id,
+                            model_name=route.model_name,
+                            routed=False,
+                            reason=reason,
+                        )
+                    )
                     continue
-                decisions.append(RoutingDecision(job_id=job.id, series_id=series.id,
-                                                 model_name=route.model_name, routed=route.routed, reason=reason))
+                decisions.append(
+                    RoutingDecision(
+                        job_id=job.id,
+                        series_id=series.id,
+                        model_name=route.model_name,
+                        routed=route.routed,
+                        reason=reason,
+                    )
+                )
                 if route.model_name:
-                    by_model[route.model_name].extend(_ref(study_uid, series.series_instance_uid, i, rt)
-                                                      for i in instances)
+                    by_model[route.model_name].extend(
+                        _ref(study_uid, series.series_instance_uid, i, rt) for i in instances
+                    )
         study_id = study.id
     with transaction(rt.factory) as session:
         session.add_all(decisions)
@@ -169,11 +193,21 @@ def _report_model(
                 )
         _ensure_deliveries(rt, session, report)
         session.add(
-            AuditEvent(actor=f"job:{job.id}", action="report_written", study_instance_uid=study_uid,
-                       detail={"model": model.info.name, "version": model.info.version, "sop_instance_uid": uid})
+            AuditEvent(
+                actor=f"job:{job.id}",
+                action="report_written",
+                study_instance_uid=study_uid,
+                detail={"model": model.info.name, "version": model.info.version, "sop_instance_uid": uid},
+            )
         )
-    log.info("study %s: %s %s report %s written (%d images)", study_uid, model.info.name,
-             model.info.version, uid, len(refs))
+    log.info(
+        "study %s: %s %s report %s written (%d images)",
+        study_uid,
+        model.info.name,
+        model.info.version,
+        uid,
+        len(refs),
+    )
 
 
 def _instances(rt: Runtime, sop_uids: list[str]) -> list[Instance]:
@@ -186,7 +220,9 @@ def _ensure_deliveries(rt: Runtime, session: Session, report: Report) -> None:
     for dest in rt.settings.destinations:
         if dest.name in have:
             continue
-        delivery = Delivery(report_id=report.id, destination=dest.name, status="pending", next_attempt_at=utcnow())
+        delivery = Delivery(
+            report_id=report.id, destination=dest.name, status="pending", next_attempt_at=utcnow()
+        )
         session.add(delivery)
         session.flush()
         enqueue(
@@ -212,12 +248,20 @@ def deliver(rt: Runtime, job: ClaimedJob) -> None:
     if dest is None:
         outcome, status, detail = "dead", None, f"destination {dest_name!r} is no longer configured"
     else:
-        result = send_cstore(report_path, dest, calling_ae=rt.settings.dicom.ae_title,
-                             timeout=rt.settings.dicom.network_timeout)
+        result = send_cstore(
+            report_path,
+            dest,
+            calling_ae=rt.settings.dicom.ae_title,
+            timeout=rt.settings.dicom.network_timeout,
+        )
         outcome, status, detail = result.outcome, result.status, result.detail
     exhausted = job.attempts >= job.max_attempts
-    delay = backoff_delay(job.attempts, base=rt.settings.worker.retry_base_seconds,
-                          cap=rt.settings.worker.retry_cap_seconds, rng=random.Random())
+    delay = backoff_delay(
+        job.attempts,
+        base=rt.settings.worker.retry_base_seconds,
+        cap=rt.settings.worker.retry_cap_seconds,
+        rng=random.Random(),
+    )
     with transaction(rt.factory) as session:
         delivery = session.get(Delivery, job.payload["delivery_id"])
         assert delivery is not None

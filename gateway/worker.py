@@ -13,10 +13,9 @@ from collections.abc import Callable
 from core import jobs
 from core.jobs import ClaimedJob
 from dicom_listener.completion import PROCESS_STUDY, complete_studies
-from reporting.delivery import backoff_delay
-
 from gateway.pipeline import DELIVER, PermanentError, Retry, deliver, process_study
 from gateway.runtime import Runtime
+from reporting.delivery import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,19 @@ class Worker:
                 raise PermanentError(f"unknown job kind {job.kind!r}")
             handler(self.rt, job)
         except Retry as exc:
-            status = jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=exc.message, retry_in=exc.delay)
-            log.warning("job %d (%s) attempt %d: %s -> %s", job.id, job.kind, job.attempts, exc.message, status)
+            status = jobs.fail(
+                self.rt.factory, job.id, worker_id=self.id, error=exc.message, retry_in=exc.delay
+            )
+            log.warning(
+                "job %d (%s) attempt %d: %s -> %s", job.id, job.kind, job.attempts, exc.message, status
+            )
         except PermanentError as exc:
             jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=str(exc), retry_in=None)
             log.error("job %d (%s) failed permanently: %s", job.id, job.kind, exc)
         except Exception as exc:
-            delay = backoff_delay(job.attempts, base=wcfg.retry_base_seconds, cap=wcfg.retry_cap_seconds,
-                                  rng=random.Random())
+            delay = backoff_delay(
+                job.attempts, base=wcfg.retry_base_seconds, cap=wcfg.retry_cap_seconds, rng=random.Random()
+            )
             error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
             status = jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=error, retry_in=delay)
             log.exception("job %d (%s) attempt %d raised -> %s", job.id, job.kind, job.attempts, status)

@@ -17,8 +17,9 @@ from inference.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
-#: Picks model names for one file from its path and pixels (float32 [0, 1], HxW or HxWx3).
-Chooser = Callable[[Path, np.ndarray], Sequence[str]]
+#: Picks model names for one file from its path and pixels (float32 [0, 1], HxW or HxWx3), or returns a
+#: string: the reason no model applies (e.g. a routing rule's "body part HIP").
+Chooser = Callable[[Path, np.ndarray], Sequence[str] | str]
 
 _IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
 _CHUNK = 32  # files whose pixels are held at once
@@ -76,7 +77,11 @@ def _predict_chunk(files: Sequence[Path], registry: ModelRegistry, choose: Choos
             logger.warning("unreadable file %s: %s", path.name, exc)
             failures[i] = _row(path, None, Assessment.rejected(f"unreadable image: {exc}"))
             continue
-        chosen[i] = [name for name in choose(path, images[i]) if registry.get(name) is not None]
+        picked = choose(path, images[i])
+        if isinstance(picked, str):
+            failures[i] = _row(path, None, Assessment(assessable=False, reason=f"not routed: {picked}"))
+            continue
+        chosen[i] = [name for name in picked if registry.get(name) is not None]
         if not chosen[i]:
             kind = "colour" if is_colour(images[i]) else "gray"
             failures[i] = _row(path, None, Assessment.rejected(f"no model for this {kind} image"))

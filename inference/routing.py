@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydicom import Dataset
+
 from core.domain import MANUFACTURER
 from core.settings import RoutingSettings
 
@@ -23,6 +25,17 @@ class SeriesInfo:
     series_description: str | None = None
     study_description: str | None = None
     manufacturer: str | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> SeriesInfo:
+        return cls(
+            modality=ds.get("Modality"),
+            sop_class_uid=str(ds.get("SOPClassUID", "")),
+            body_part_examined=ds.get("BodyPartExamined"),
+            series_description=ds.get("SeriesDescription"),
+            study_description=ds.get("StudyDescription"),
+            manufacturer=ds.get("Manufacturer"),
+        )
 
 
 @dataclass(frozen=True)

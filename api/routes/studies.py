@@ -131,7 +131,9 @@ def get_study(study_uid: str, session: SessionDep) -> dict[str, Any]:
         ],
         "predictions": [
             {
-                "sop_instance_uid": instances[p.instance_id].sop_instance_uid if p.instance_id in instances else None,
+                "sop_instance_uid": instances[p.instance_id].sop_instance_uid
+                if p.instance_id in instances
+                else None,
                 "model": p.model_name,
                 "version": p.model_version,
                 "finding": p.finding,

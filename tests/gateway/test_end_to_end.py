@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,6 +167,14 @@ def test_vendor_files_become_valid_reports_at_the_pacs(env: dict[str, Any]) -> N
     assert {str(s.StudyInstanceUID) for s in sources.values()} <= listed
 
 
+def test_health_and_unknown_study(env: dict[str, Any]) -> None:
+    gw: Gateway = env["gw"]
+    assert gw.api("/healthz") == {"status": "ok", "database": "ok"}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        gw.api("/api/studies/1.2.3.4.5")
+    assert err.value.code == 404 and b"not found" in err.value.read()
+
+
 def test_destination_down_gets_the_report_once_it_comes_up(env: dict[str, Any]) -> None:
     gw: Gateway = env["gw"]
     later_dir, later_port = env["later"]
@@ -239,11 +248,18 @@ def test_our_own_report_sent_back_is_not_processed(env: dict[str, Any]) -> None:
     # dcmtk 3.6.7's storescu does not know Comprehensive 3D SR Storage; pynetdicom does.
     assert send_file(gw.dicom_port, ours, calling="PACS_QR") == 0x0000
 
+    def process_jobs(study: dict[str, Any]) -> list[dict[str, Any]]:
+        return [j for j in study["jobs"] if j["kind"] == "process_study"]
+
     def processed() -> dict[str, Any] | None:
         study = gw.study(ds.StudyInstanceUID)
-        return study if study["status"] == "complete" and len(study["jobs"]) > len(before["jobs"]) else None
+        done = (
+            len(process_jobs(study)) > len(process_jobs(before))
+            and process_jobs(study)[-1]["status"] == "done"
+        )
+        return study if done else None
 
     study = _wait("the returned SR's study to be processed", processed)
-    srs = [r for r in study["routing"] if r["job_id"] == study["jobs"][-1]["id"]]
+    srs = [r for r in study["routing"] if r["job_id"] == process_jobs(study)[-1]["id"]]
     assert any(not r["routed"] and "loop prevention" in r["reason"] for r in srs)
     assert len(study["reports"]) == len(before["reports"])

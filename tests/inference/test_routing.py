@@ -10,14 +10,7 @@ RULES = RoutingSettings()
 
 
 def _info(ds: pydicom.Dataset) -> SeriesInfo:
-    return SeriesInfo(
-        modality=ds.get("Modality"),
-        sop_class_uid=str(ds.SOPClassUID),
-        body_part_examined=ds.get("BodyPartExamined"),
-        series_description=ds.get("SeriesDescription"),
-        study_description=ds.get("StudyDescription"),
-        manufacturer=ds.get("Manufacturer"),
-    )
+    return SeriesInfo.from_dataset(ds)
 
 
 def _models(ds: pydicom.Dataset) -> list[str | None]:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian packages, a virtualenv with the project) and run the tests.
+# Usage: ./scripts/test.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real peers the tests start: dcmtk (storescu/storescp/echoscu and its JPEG/JPEG-LS/RLE encoders),
+# dicom3tools (dciodvfy validates every SR), PostgreSQL server binaries (each test session starts its own
+# cluster on a free loopback port).
+need=()
+command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+if ((${#need[@]})); then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "installing Debian packages: ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+python=$(command -v python3.11 || command -v python3)
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+
+exec .venv/bin/python -m pytest "$@"

@@ -41,9 +41,11 @@ def enqueue(
     study_id: int | None = None,
     max_attempts: int = 8,
     run_at: datetime | None = None,
+    priority: int = 100,
 ) -> Job:
     job = Job(
         kind=kind,
+        priority=priority,
         payload=payload,
         study_id=study_id,
         max_attempts=max_attempts,
@@ -69,7 +71,7 @@ def claim(
             and_(Job.status == "pending", Job.next_attempt_at <= now),
             and_(Job.status == "running", Job.lease_expires_at < now),
         )
-        query = select(Job).where(due).order_by(Job.next_attempt_at, Job.id).limit(1)
+        query = select(Job).where(due).order_by(Job.priority, Job.next_attempt_at, Job.id).limit(1)
         if kinds:
             query = query.where(Job.kind.in_(kinds))
         if session.get_bind().dialect.name == "postgresql":

@@ -110,6 +110,8 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
+    #: Lower runs first among due jobs (deliveries before new studies: a finished result waits for nobody).
+    priority: Mapped[int] = mapped_column(Integer, default=100)
     #: pending -> running -> done | failed (attempts exhausted or permanent error)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -123,7 +125,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("ix_job_claim", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_job_claim", "status", "priority", "next_attempt_at"),)
 
 
 class RoutingDecision(Base):

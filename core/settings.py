@@ -66,7 +66,7 @@ class CompletionSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     #: In-process worker threads for `gateway serve` (0: none, use `gateway worker` processes).
-    threads: int = Field(1, ge=0, le=32)
+    threads: int = Field(2, ge=0, le=32)
     poll_seconds: float = Field(0.2, gt=0)
     #: A claimed job whose worker stopped renewing it is taken over after this long.
     lease_seconds: float = Field(300.0, gt=0)

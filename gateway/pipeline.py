@@ -228,6 +228,7 @@ def _ensure_deliveries(rt: Runtime, session: Session, report: Report) -> None:
         enqueue(
             session,
             kind=DELIVER,
+            priority=10,
             payload={"delivery_id": delivery.id},
             study_id=report.study_id,
             max_attempts=rt.settings.worker.delivery_max_attempts,

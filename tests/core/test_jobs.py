@@ -74,3 +74,13 @@ def test_permanent_failure_does_not_retry(factory: sessionmaker[Session]) -> Non
     assert jobs.claim(factory, worker_id="w", lease_seconds=60) is not None
     assert jobs.fail(factory, job_id, worker_id="w", error="rejected", retry_in=None) == "failed"
     assert jobs.claim(factory, worker_id="w", lease_seconds=60) is None
+
+
+def test_lower_priority_value_runs_first(factory: sessionmaker[Session]) -> None:
+    with transaction(factory) as s:
+        late = jobs.enqueue(s, kind="process", payload={}, priority=100).id
+        urgent = jobs.enqueue(s, kind="deliver", payload={}, priority=10).id
+    first = jobs.claim(factory, worker_id="w", lease_seconds=60)
+    second = jobs.claim(factory, worker_id="w", lease_seconds=60)
+    assert first is not None and second is not None
+    assert (first.id, second.id) == (urgent, late)

@@ -59,6 +59,7 @@ def upgrade() -> None:
         "job",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
+        sa.Column("priority", sa.Integer(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("study_id", sa.Integer(), nullable=True),
@@ -74,7 +75,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("job", schema=None) as batch_op:
-        batch_op.create_index("ix_job_claim", ["status", "next_attempt_at"], unique=False)
+        batch_op.create_index("ix_job_claim", ["status", "priority", "next_attempt_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_job_study_id"), ["study_id"], unique=False)
 
     op.create_table(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,13 +29,16 @@ from core.models import (
 )
 from gateway.runtime import Runtime
 from inference.base import run_model
+from inference.preprocess import UnreadableImage, load_dicom_image
 from inference.routing import SeriesInfo, route_series
+from reporting.capture import build_capture
 from reporting.delivery import backoff_delay, send_cstore
 from reporting.sr import build_report, input_hash, report_series_uid, report_uid, write_report
 
 log = logging.getLogger(__name__)
 
 DELIVER = "deliver"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 class PermanentError(Exception):
@@ -132,12 +136,14 @@ def _report_model(
         previous = session.scalars(
             select(Report)
             .where(Report.study_id == study_id, Report.model_name == model_name)
+            .where(Report.sop_class_uid != SECONDARY_CAPTURE)
             .order_by(Report.id.desc())
         ).first()
         previous_id = previous.id if previous else None
         previous_path = rt.storage.absolute(previous.path) if previous else None
 
-    results: list[ImageResult] = run_model(model, refs)
+    captures_wanted = rt.settings.reporting.secondary_capture
+    results: list[ImageResult] = run_model(model, refs, with_heatmap=captures_wanted)
     sources = [pydicom.dcmread(r.path, stop_before_pixels=True) for r in refs]
     previous_ds = pydicom.dcmread(previous_path) if previous_path and previous_path.is_file() else None
     sr = build_report(
@@ -151,6 +157,9 @@ def _report_model(
     )
     relative = rt.storage.report_path(study_uid, uid)
     write_report(sr, rt.storage.absolute(relative))
+    captures = (
+        _write_captures(rt, results, sources, uid, str(sr.SeriesInstanceUID)) if captures_wanted else []
+    )
 
     by_sop = {i.sop_instance_uid: i.id for i in _instances(rt, sop_uids)}
     with transaction(rt.factory) as session:
@@ -192,6 +201,21 @@ def _report_model(
                     )
                 )
         _ensure_deliveries(rt, session, report)
+        for capture_uid, capture_series, capture_path in captures:
+            capture = Report(
+                study_id=study_id,
+                job_id=job.id,
+                model_name=model.info.name,
+                model_version=model.info.version,
+                sop_instance_uid=capture_uid,
+                series_instance_uid=capture_series,
+                sop_class_uid=SECONDARY_CAPTURE,
+                input_hash=report.input_hash,
+                path=capture_path,
+            )
+            session.add(capture)
+            session.flush()
+            _ensure_deliveries(rt, session, capture)
         session.add(
             AuditEvent(
                 actor=f"job:{job.id}",
@@ -208,6 +232,35 @@ def _report_model(
         uid,
         len(refs),
     )
+
+
+def _write_captures(
+    rt: Runtime,
+    results: Sequence[ImageResult],
+    sources: Sequence[pydicom.Dataset],
+    report_uid: str,
+    series_uid: str,
+) -> list[tuple[str, str, str]]:
+    """One Secondary Capture per image (heatmap and result burned in): (SOP UID, series UID, storage path)."""
+    out = []
+    for number, (result, source) in enumerate(zip(results, sources, strict=True), start=1):
+        try:
+            image = load_dicom_image(result.instance.path)
+        except (UnreadableImage, OSError):
+            continue  # nothing to draw on; the SR says why the image was not assessable
+        sc = build_capture(
+            result=result,
+            source=source,
+            image=image,
+            report_uid=report_uid,
+            report_series_uid=series_uid,
+            series_number=rt.settings.reporting.series_number,
+            instance_number=number,
+        )
+        relative = rt.storage.report_path(result.instance.study_instance_uid, str(sc.SOPInstanceUID))
+        write_report(sc, rt.storage.absolute(relative))
+        out.append((str(sc.SOPInstanceUID), str(sc.SeriesInstanceUID), relative))
+    return out
 
 
 def _instances(rt: Runtime, sop_uids: list[str]) -> list[Instance]:

@@ -148,6 +148,7 @@ def get_study(study_uid: str, session: SessionDep) -> dict[str, Any]:
         "reports": [
             {
                 "sop_instance_uid": r.sop_instance_uid,
+                "sop_class_uid": r.sop_class_uid,
                 "series_instance_uid": r.series_instance_uid,
                 "model": r.model_name,
                 "version": r.model_version,

@@ -62,6 +62,11 @@ def _referenced_uids(ds: pydicom.Dataset) -> set[str]:
     return uids
 
 
+def _srs(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's Structured Reports (not the Secondary Captures sent beside them)."""
+    return [r for r in study["reports"] if r["sop_class_uid"].startswith(SR_PREFIX)]
+
+
 def _texts(ds: pydicom.Dataset) -> list[str]:
     found: list[str] = []
 
@@ -104,6 +109,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         "GATEWAY_COMPLETION__MAX_WAIT_SECONDS": "10",
         "GATEWAY_INFERENCE__MODEL_DIRS": str(bundles),
         "GATEWAY_WORKER__THREADS": "2",
+        "GATEWAY_REPORTING__SECONDARY_CAPTURE": "true",
         "GATEWAY_WORKER__RETRY_BASE_SECONDS": "0.3",
         "GATEWAY_WORKER__RETRY_CAP_SECONDS": "1",
         "GATEWAY_DESTINATIONS": json.dumps(
@@ -157,7 +163,19 @@ def test_vendor_files_become_valid_reports_at_the_pacs(env: dict[str, Any]) -> N
     for path in env["pacs"].iterdir():
         assert_dciodvfy_clean(path)
 
-    hip = gw.study(sources["cr_hip_rle.dcm"].StudyInstanceUID)
+    # Secondary Captures (heatmap + result burned in) travel with every SR, one per analysed image.
+    captures = [
+        pydicom.dcmread(p)
+        for p in env["pacs"].iterdir()
+        if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    ]
+    assert len(captures) == want
+    for sc in captures:
+        assert sc.BurnedInAnnotation == "YES" and "not a diagnosis" in sc.ImageComments
+        assert sc.pixel_array.shape[2] == 3
+
+    hip_uid = sources["cr_hip_rle.dcm"].StudyInstanceUID
+    hip = _wait("the hip study processed", lambda: (h := gw.study(hip_uid))["routing"] and h)
     assert [r["reason"] for r in hip["routing"]] == ["body part HIP"]
     assert hip["reports"] == [] and hip["predictions"] == []
     dx = gw.study(sources["dx_chest_small.dcm"].StudyInstanceUID)
@@ -181,12 +199,12 @@ def test_destination_down_gets_the_report_once_it_comes_up(env: dict[str, Any]) 
     uid = str(pydicom.dcmread(SHARED_DICOM / "sc_fundus_j2k.dcm", stop_before_pixels=True).StudyInstanceUID)
 
     def failing() -> bool:
-        [report] = gw.study(uid)["reports"]
+        [report] = _srs(gw.study(uid))
         later = next(d for d in report["deliveries"] if d["destination"] == "later")
         return later["status"] == "pending" and later["attempts"] >= 2 and bool(later["last_error"])
 
     _wait("failed attempts to the down destination", failing)
-    [report] = gw.study(uid)["reports"]
+    [report] = _srs(gw.study(uid))
     with storescp(later_dir, later_port, ae_title="LATER"):
         _wait(
             "the SR at the destination that came up",
@@ -195,7 +213,7 @@ def test_destination_down_gets_the_report_once_it_comes_up(env: dict[str, Any]) 
         )
 
         def sent() -> bool:
-            [now] = gw.study(uid)["reports"]
+            [now] = _srs(gw.study(uid))
             return {d["destination"]: d["status"] for d in now["deliveries"]} == {
                 "pacs": "sent",
                 "later": "sent",
@@ -211,7 +229,7 @@ def test_late_instance_supersedes_and_resend_is_idempotent(env: dict[str, Any], 
     assert storescu(gw.dicom_port, first).returncode == 0
 
     def reports(n: int) -> list[dict[str, Any]] | None:
-        got = [r for r in gw.study(study_uid)["reports"] if r["model"] == "pneumonia"]
+        got = [r for r in _srs(gw.study(study_uid)) if r["model"] == "pneumonia"]
         return (
             got
             if len(got) >= n
@@ -244,9 +262,16 @@ def test_our_own_report_sent_back_is_not_processed(env: dict[str, Any]) -> None:
         p for p in sorted(env["pacs"].iterdir()) if pydicom.dcmread(p).SOPClassUID.startswith(SR_PREFIX)
     )
     ds = pydicom.dcmread(ours)
+    capture = next(
+        p
+        for p in sorted(env["pacs"].iterdir())
+        if (c := pydicom.dcmread(p, stop_before_pixels=True)).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        and c.StudyInstanceUID == ds.StudyInstanceUID
+    )
     before = gw.study(ds.StudyInstanceUID)
     # dcmtk 3.6.7's storescu does not know Comprehensive 3D SR Storage; pynetdicom does.
     assert send_file(gw.dicom_port, ours, calling="PACS_QR") == 0x0000
+    assert send_file(gw.dicom_port, capture, calling="PACS_QR") == 0x0000
 
     def process_jobs(study: dict[str, Any]) -> list[dict[str, Any]]:
         return [j for j in study["jobs"] if j["kind"] == "process_study"]
@@ -260,6 +285,13 @@ def test_our_own_report_sent_back_is_not_processed(env: dict[str, Any]) -> None:
         return study if done else None
 
     study = _wait("the returned SR's study to be processed", processed)
-    srs = [r for r in study["routing"] if r["job_id"] == process_jobs(study)[-1]["id"]]
-    assert any(not r["routed"] and "loop prevention" in r["reason"] for r in srs)
+    ours_routing = [
+        r
+        for r in study["routing"]
+        if r["job_id"] == process_jobs(study)[-1]["id"]
+        and r["series_instance_uid"]
+        in {ds.SeriesInstanceUID, pydicom.dcmread(capture, stop_before_pixels=True).SeriesInstanceUID}
+    ]
+    assert len(ours_routing) == 2
+    assert all(not r["routed"] and "loop prevention" in r["reason"] for r in ours_routing)
     assert len(study["reports"]) == len(before["reports"])

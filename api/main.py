@@ -8,13 +8,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import SessionDep
 from api.routes import studies
+from core.settings import Settings
+from orthanc import webhook as orthanc_webhook
 
 NOTICE = "Research decision support only; results are not a diagnosis."
 
 
-def create_app(session_factory: sessionmaker[Session]) -> FastAPI:
+def create_app(session_factory: sessionmaker[Session], settings: Settings) -> FastAPI:
     app = FastAPI(title="screening-gateway", version="0.1.0", description=NOTICE)
     app.state.session_factory = session_factory
+    app.state.settings = settings
 
     @app.get("/healthz")
     def healthz(session: SessionDep) -> dict[str, str]:
@@ -22,4 +25,5 @@ def create_app(session_factory: sessionmaker[Session]) -> FastAPI:
         return {"status": "ok", "database": "ok"}
 
     app.include_router(studies.router)
+    app.include_router(orthanc_webhook.router)
     return app

@@ -42,10 +42,21 @@ def enqueue(
     max_attempts: int = 8,
     run_at: datetime | None = None,
     priority: int = 100,
+    dedupe_key: str | None = None,
 ) -> Job:
+    """Queue a job. With ``dedupe_key``, a pending job of the same kind and key is returned instead (webhook
+    replays and overlapping reconcilers queue one job, not many). A running one does not count: it may have
+    read its input before the event that queues this one."""
+    if dedupe_key is not None:
+        existing = session.scalars(
+            select(Job).where(Job.kind == kind, Job.dedupe_key == dedupe_key, Job.status == "pending")
+        ).first()
+        if existing is not None:
+            return existing
     job = Job(
         kind=kind,
         priority=priority,
+        dedupe_key=dedupe_key,
         payload=payload,
         study_id=study_id,
         max_attempts=max_attempts,

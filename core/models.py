@@ -115,6 +115,8 @@ class Job(Base):
     #: pending -> running -> done | failed (attempts exhausted or permanent error)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Jobs with the same kind and key are not queued twice while one is pending or running.
+    dedupe_key: Mapped[str | None] = mapped_column(String(128), index=True)
     study_id: Mapped[int | None] = mapped_column(ForeignKey("study.id", ondelete="SET NULL"), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=8)
@@ -214,3 +216,14 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class OrthancCursor(Base):
+    """The last Orthanc /changes sequence number the reconciler has handled (one row per Orthanc URL)."""
+
+    __tablename__ = "orthanc_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    orthanc_url: Mapped[str] = mapped_column(String(255), unique=True)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -121,6 +121,29 @@ class RoutingSettings(BaseModel):
     _split = field_validator("*", mode="before")(classmethod(lambda cls, v: _csv_list(v)))
 
 
+class OrthancSettings(BaseModel):
+    """An Orthanc the gateway pulls stable studies from (webhook + /changes) and uploads its reports to."""
+
+    #: Orthanc REST root, e.g. http://orthanc:8042; empty disables the integration.
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    #: Shared secret the plugin sends as X-Gateway-Secret; without it the webhook refuses everything.
+    webhook_secret: str | None = None
+    #: Upload every report into the Orthanc study it came from (besides GATEWAY_DESTINATIONS).
+    upload_reports: bool = True
+    #: How often a worker reads Orthanc's /changes feed for studies the webhook missed (0: never).
+    reconcile_seconds: float = Field(10.0, ge=0)
+    timeout: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else None
+
+
 class ReportingSettings(BaseModel):
     #: Also write a Secondary Capture with the result burned in (later issue).
     secondary_capture: bool = False
@@ -144,6 +167,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = InferenceSettings()
     reporting: ReportingSettings = ReportingSettings()
     routing: RoutingSettings = RoutingSettings()
+    orthanc: OrthancSettings = OrthancSettings()
     #: JSON list of {"name","ae_title","host","port"}: where reports are sent.
     destinations: Annotated[list[Destination], NoDecode] = []
     log_level: str = "INFO"
@@ -180,6 +204,16 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError("destination names must be unique")
         return out
+
+    @model_validator(mode="after")
+    def _orthanc_name(self) -> Settings:
+        if (
+            self.orthanc.url
+            and self.orthanc.upload_reports
+            and any(d.name == "orthanc" for d in self.destinations)
+        ):
+            raise ValueError("destination name 'orthanc' is reserved for GATEWAY_ORTHANC__URL uploads")
+        return self
 
     @field_validator("log_level")
     @classmethod

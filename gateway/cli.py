@@ -66,7 +66,10 @@ def serve(
         raise typer.Exit(1) from None
     workers = start_threads(rt, settings.worker.threads)
     config = uvicorn.Config(
-        create_app(rt.factory), host=settings.http.host, port=settings.http.port, log_level="warning"
+        create_app(rt.factory, settings),
+        host=settings.http.host,
+        port=settings.http.port,
+        log_level="warning",
     )
     log.info("HTTP API on http://%s:%d", settings.http.host, settings.http.port)
     try:
@@ -147,6 +150,58 @@ def predict(
             for f in row["findings"]
         )
         typer.echo(f"{head}: {found}")
+
+
+@app.command("train")
+def train_model(
+    name: Annotated[str, typer.Argument(metavar="MODEL", help="Model name (pneumonia, covid19, ...).")],
+    data: Annotated[Path, typer.Option(help="Data folder (with labels.csv) or labels CSV.", exists=True)],
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the recipe's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the shipped model's).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Bundle folder (default: inference/weights/MODEL, card in cards/).")
+    ] = None,
+) -> None:
+    """Train a model from labelled images: writes its bundle and model card (seeded, reproducible)."""
+    from inference.train import DEFAULT_SEED, TrainConfig, default_config, get_recipe
+
+    _settings()
+    try:
+        recipe = get_recipe(name)
+    except KeyError as exc:
+        typer.echo(str(exc.args[0]), err=True)
+        raise typer.Exit(2) from None
+    options: dict[str, Any] = {"epochs": epochs, "seed": DEFAULT_SEED if seed is None else seed}
+    config = (
+        default_config(name, data, **options)
+        if out is None
+        else TrainConfig(data=data, out_dir=out, card_path=out / f"{name}.md", **options)
+    )
+    bundle = recipe.train(config)
+    typer.echo(f"wrote {bundle} and {config.card_path}")
+
+
+@app.command("evaluate")
+def evaluate_model(
+    name: Annotated[str, typer.Argument(metavar="MODEL", help="Installed model name.")],
+    data: Annotated[Path, typer.Option(help="Labelled folder or CSV.", exists=True)],
+) -> None:
+    """Print a model's metrics (JSON, with 95 % CIs) on labelled images, through the serving path."""
+    from inference.bundle import KerasBundleModel
+    from inference.registry import ModelRegistry
+    from inference.train import get_recipe
+
+    settings = _settings()
+    model = ModelRegistry(extra_dirs=settings.inference.model_dirs).get(name)
+    try:
+        recipe = get_recipe(name)
+    except KeyError as exc:
+        typer.echo(str(exc.args[0]), err=True)
+        raise typer.Exit(2) from None
+    if not isinstance(model, KerasBundleModel):
+        typer.echo(f"model {name!r} is not installed", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(recipe.evaluate(model.path, data), indent=2, default=str))
 
 
 def _route_by_header(settings: Settings) -> Callable[[Path, Any], Sequence[str] | str]:

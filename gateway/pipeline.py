@@ -270,12 +270,10 @@ def _instances(rt: Runtime, sop_uids: list[str]) -> list[Instance]:
 
 def _ensure_deliveries(rt: Runtime, session: Session, report: Report) -> None:
     have = {d.destination for d in session.scalars(select(Delivery).where(Delivery.report_id == report.id))}
-    for dest in rt.settings.destinations:
-        if dest.name in have:
+    for name in rt.destination_names:
+        if name in have:
             continue
-        delivery = Delivery(
-            report_id=report.id, destination=dest.name, status="pending", next_attempt_at=utcnow()
-        )
+        delivery = Delivery(report_id=report.id, destination=name, status="pending", next_attempt_at=utcnow())
         session.add(delivery)
         session.flush()
         enqueue(
@@ -299,8 +297,12 @@ def deliver(rt: Runtime, job: ClaimedJob) -> None:
         report_path = rt.storage.absolute(delivery.report.path)
         dest_name = delivery.destination
     dest = next((d for d in rt.settings.destinations if d.name == dest_name), None)
-    if dest is None:
+    if dest_name not in rt.destination_names:
         outcome, status, detail = "dead", None, f"destination {dest_name!r} is no longer configured"
+    elif dest is None:  # the Orthanc the study came from
+        from gateway.orthanc_jobs import upload_to_orthanc
+
+        outcome, status, detail = upload_to_orthanc(rt, report_path)
     else:
         result = send_cstore(
             report_path,

@@ -14,6 +14,10 @@ from core.migrate import current_revision, head_revision, upgrade
 from core.settings import Settings
 from core.storage import Storage
 from inference.registry import ModelRegistry
+from orthanc.client import OrthancSource
+
+#: Name of the implicit destination that uploads reports into the configured Orthanc.
+ORTHANC_DESTINATION = "orthanc"
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,18 @@ class Runtime:
     @cached_property
     def registry(self) -> ModelRegistry:
         return self._registry or ModelRegistry(extra_dirs=self.settings.inference.model_dirs)
+
+    @cached_property
+    def orthanc(self) -> OrthancSource:
+        return OrthancSource(self.settings.orthanc)
+
+    @property
+    def destination_names(self) -> list[str]:
+        """Where every report goes: the DIMSE destinations, plus Orthanc when it is configured to receive."""
+        names = [d.name for d in self.settings.destinations]
+        if self.settings.orthanc.url and self.settings.orthanc.upload_reports:
+            names.append(ORTHANC_DESTINATION)
+        return names
 
     def close(self) -> None:
         self.engine.dispose()

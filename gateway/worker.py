@@ -7,14 +7,19 @@ import os
 import random
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
 from core import jobs
 from core.jobs import ClaimedJob
 from dicom_listener.completion import PROCESS_STUDY, complete_studies
+from gateway.orthanc_jobs import pull_orthanc_study
 from gateway.pipeline import DELIVER, PermanentError, Retry, deliver, process_study
 from gateway.runtime import Runtime
+from orthanc.client import OrthancUnavailable
+from orthanc.reconcile import reconcile_once
+from orthanc.webhook import PULL_ORTHANC_STUDY
 from reporting.delivery import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -22,6 +27,7 @@ log = logging.getLogger(__name__)
 HANDLERS: dict[str, Callable[[Runtime, ClaimedJob], None]] = {
     PROCESS_STUDY: process_study,
     DELIVER: deliver,
+    PULL_ORTHANC_STUDY: pull_orthanc_study,
 }
 
 
@@ -30,16 +36,31 @@ class Worker:
         self.rt = rt
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.stop = threading.Event()
+        self._next_reconcile = 0.0
 
     def run_once(self) -> bool:
         """One sweep and at most one job; True if a job ran."""
         settings = self.rt.settings
         complete_studies(self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts)
+        self._reconcile()
         job = jobs.claim(self.rt.factory, worker_id=self.id, lease_seconds=settings.worker.lease_seconds)
         if job is None:
             return False
         self._run(job)
         return True
+
+    def _reconcile(self) -> None:
+        """Every GATEWAY_ORTHANC__RECONCILE_SECONDS, queue the stable studies Orthanc's /changes lists."""
+        cfg = self.rt.settings.orthanc
+        if not cfg.url or not cfg.reconcile_seconds or time.monotonic() < self._next_reconcile:
+            return
+        self._next_reconcile = time.monotonic() + cfg.reconcile_seconds
+        try:
+            reconcile_once(
+                self.rt.factory, self.rt.orthanc, max_attempts=self.rt.settings.worker.max_attempts
+            )
+        except OrthancUnavailable as exc:
+            log.warning("reconciler: %s", exc)
 
     def run_forever(self) -> None:
         log.info("worker %s started", self.id)

@@ -94,7 +94,7 @@ def build_capture(
         patient_orientation=("L", "F"),  # placeholder: highdicom wants one; replaced just below
     )
     # Patient Orientation is type 2: the source's value when it has one, else empty (unknown), never made up.
-    sc.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else ""
+    sc.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else ""  # type: ignore[assignment]
     # General Series Laterality is type 2C; the source's value (possibly empty) is the honest one.
     side = source.get("Laterality") or source.get("ImageLaterality") or ""
     sc.Laterality = side if side in ("R", "L") else ""

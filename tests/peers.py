@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -212,3 +213,54 @@ def gateway_serve(
             yield proc
         finally:
             stop(proc, 20)
+
+
+@contextmanager
+def orthanc_server(
+    base: Path,
+    *,
+    webhook_url: str = "",
+    secret: str = "",
+    http_port: int | None = None,
+    dicom_port: int | None = None,
+    stable_age: int = 1,
+) -> Iterator[tuple[int, int]]:
+    """A real Orthanc (Debian package) with our plugin, on loopback ports; yields (http_port, dicom_port).
+
+    Storage and index live in ``base``, so stopping and starting again on the same ``base`` keeps the data.
+    """
+    exe = require_tool("Orthanc", "orthanc")
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
+    if not plugin.exists():
+        raise AssertionError("Orthanc's Python plugin not found: install the Debian package orthanc-python")
+    http_port, dicom_port = http_port or free_port(), dicom_port or free_port()
+    base.mkdir(parents=True, exist_ok=True)
+    config = json.loads((REPO / "orthanc" / "orthanc.json").read_text())
+    config.pop("//", None)
+    config.update(
+        {
+            "Name": "test-pacs",
+            "StorageDirectory": str(base / "storage"),
+            "IndexDirectory": str(base / "index"),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "StableAge": stable_age,
+            "PythonScript": str(REPO / "orthanc" / "plugin" / "screening_gateway.py"),
+        }
+    )
+    config["Plugins"] = [str(plugin)]
+    config["ScreeningGateway"] = {"WebhookUrl": webhook_url, "Secret": secret, "Timeout": 5}
+    (base / "orthanc.json").write_text(json.dumps(config, indent=2))
+    with open(base / "orthanc.log", "ab") as log:
+        proc = subprocess.Popen([exe, str(base / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_port(http_port, 60, proc)
+            wait_port(dicom_port, 60, proc)
+            yield http_port, dicom_port
+        finally:
+            stop(proc)

@@ -7,8 +7,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import SessionDep
-from api.routes import studies
+from api.routes import dicomweb, studies
 from core.settings import Settings
+from core.storage import Storage
 from orthanc import webhook as orthanc_webhook
 
 NOTICE = "Research decision support only; results are not a diagnosis."
@@ -18,6 +19,7 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
     app = FastAPI(title="screening-gateway", version="0.1.0", description=NOTICE)
     app.state.session_factory = session_factory
     app.state.settings = settings
+    app.state.storage = Storage(settings.storage_dir)
 
     @app.get("/healthz")
     def healthz(session: SessionDep) -> dict[str, str]:
@@ -26,4 +28,5 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
 
     app.include_router(studies.router)
     app.include_router(orthanc_webhook.router)
+    app.include_router(dicomweb.router)
     return app

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from core.domain import Destination
+
+#: Passwords nobody may run a hospital service with.
+WEAK_SECRETS = {"", "postgres", "password", "changeme", "change-me", "secret", "orthanc", "gateway", "admin"}
 
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
 
@@ -171,6 +175,8 @@ class Settings(BaseSettings):
     #: JSON list of {"name","ae_title","host","port"}: where reports are sent.
     destinations: Annotated[list[Destination], NoDecode] = []
     log_level: str = "INFO"
+    #: "production" refuses to start with missing or well-known secrets; "development" allows them.
+    environment: Literal["development", "production"] = "development"
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -213,6 +219,29 @@ class Settings(BaseSettings):
             and any(d.name == "orthanc" for d in self.destinations)
         ):
             raise ValueError("destination name 'orthanc' is reserved for GATEWAY_ORTHANC__URL uploads")
+        return self
+
+    @model_validator(mode="after")
+    def _production_secrets(self) -> Settings:
+        if self.environment != "production":
+            return self
+        problems = []
+        if not self.database_url or not self.database_url.startswith("postgresql"):
+            problems.append("GATEWAY_DATABASE_URL must point at PostgreSQL in production")
+        else:
+            password = make_url(self.database_url).password
+            if not password or str(password).lower() in WEAK_SECRETS:
+                problems.append("GATEWAY_DATABASE_URL has no password or a well-known default one")
+        if self.orthanc.url:
+            secret = self.orthanc.webhook_secret or ""
+            if len(secret) < 16 or secret.lower() in WEAK_SECRETS:
+                problems.append(
+                    "GATEWAY_ORTHANC__WEBHOOK_SECRET must be at least 16 characters, not a default"
+                )
+            if self.orthanc.password and self.orthanc.password.lower() in WEAK_SECRETS:
+                problems.append("GATEWAY_ORTHANC__PASSWORD is a well-known default")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @field_validator("log_level")

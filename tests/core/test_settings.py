@@ -61,3 +61,37 @@ def test_cli_refuses_invalid_settings_at_start_up(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "GATEWAY_DICOM__PORT" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "must point at PostgreSQL"),
+        ({"GATEWAY_DATABASE_URL": "postgresql+psycopg://gw:postgres@db/gw"}, "well-known default"),
+        ({"GATEWAY_DATABASE_URL": "postgresql+psycopg://gw@db/gw"}, "no password"),
+        (
+            {
+                "GATEWAY_DATABASE_URL": "postgresql+psycopg://gw:Xk93-long-pw@db/gw",
+                "GATEWAY_ORTHANC__URL": "http://orthanc:8042",
+                "GATEWAY_ORTHANC__WEBHOOK_SECRET": "short",
+            },
+            "WEBHOOK_SECRET",
+        ),
+    ],
+)
+def test_production_refuses_default_or_missing_secrets(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    monkeypatch.setenv("GATEWAY_ENVIRONMENT", "production")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+
+
+def test_production_accepts_real_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ENVIRONMENT", "production")
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", "postgresql+psycopg://gw:Xk93-long-pw@db/gw")
+    monkeypatch.setenv("GATEWAY_ORTHANC__URL", "http://orthanc:8042")
+    monkeypatch.setenv("GATEWAY_ORTHANC__WEBHOOK_SECRET", "9f2c1d7e5a4b3c2d1e0f")
+    assert load_settings().environment == "production"

@@ -11,7 +11,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,21 @@ from pydicom.uid import generate_uid
 
 from tests import factories as f
 from tests.inference.tiny_models import make_tiny_bundles
-from tests.peers import SHARED_DICOM, create_database, free_port, gateway_serve, send_file, storescp, storescu
+from tests.peers import (
+    SHARED_DICOM,
+    create_database,
+    free_port,
+    gateway_serve,
+    send_file,
+    storescp,
+    storescu,
+    wait_for,
+)
 from tests.reporting.dciodvfy import assert_dciodvfy_clean
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _received_srs(folder: Path) -> dict[str, pydicom.Dataset]:
@@ -146,7 +145,7 @@ def test_vendor_files_become_valid_reports_at_the_pacs(env: dict[str, Any]) -> N
         "sc_fundus_j2k.dcm": {"glaucoma"},
     }
     want = sum(len(v) for v in expected.values())
-    received = _wait(
+    received = wait_for(
         f"{want} SRs at the PACS", lambda: (r := _received_srs(env["pacs"])) and len(r) >= want and r
     )
     assert len(received) == want
@@ -175,7 +174,7 @@ def test_vendor_files_become_valid_reports_at_the_pacs(env: dict[str, Any]) -> N
         assert sc.pixel_array.shape[2] == 3
 
     hip_uid = sources["cr_hip_rle.dcm"].StudyInstanceUID
-    hip = _wait("the hip study processed", lambda: (h := gw.study(hip_uid))["routing"] and h)
+    hip = wait_for("the hip study processed", lambda: (h := gw.study(hip_uid))["routing"] and h)
     assert [r["reason"] for r in hip["routing"]] == ["body part HIP"]
     assert hip["reports"] == [] and hip["predictions"] == []
     dx = gw.study(sources["dx_chest_small.dcm"].StudyInstanceUID)
@@ -203,10 +202,10 @@ def test_destination_down_gets_the_report_once_it_comes_up(env: dict[str, Any]) 
         later = next(d for d in report["deliveries"] if d["destination"] == "later")
         return later["status"] == "pending" and later["attempts"] >= 2 and bool(later["last_error"])
 
-    _wait("failed attempts to the down destination", failing)
+    wait_for("failed attempts to the down destination", failing)
     [report] = _srs(gw.study(uid))
     with storescp(later_dir, later_port, ae_title="LATER"):
-        _wait(
+        wait_for(
             "the SR at the destination that came up",
             lambda: report["sop_instance_uid"] in _received_srs(later_dir),
             timeout=30,
@@ -219,7 +218,7 @@ def test_destination_down_gets_the_report_once_it_comes_up(env: dict[str, Any]) 
                 "later": "sent",
             }
 
-        _wait("both deliveries marked sent", sent, timeout=10)
+        wait_for("both deliveries marked sent", sent, timeout=10)
 
 
 def test_late_instance_supersedes_and_resend_is_idempotent(env: dict[str, Any], tmp_path: Path) -> None:
@@ -237,7 +236,7 @@ def test_late_instance_supersedes_and_resend_is_idempotent(env: dict[str, Any], 
             else None
         )
 
-    [one] = _wait("first report", lambda: reports(1))
+    [one] = wait_for("first report", lambda: reports(1))
     # The same instance again: stored once, the study is not reopened, no second report.
     assert storescu(gw.dicom_port, first).returncode == 0
     time.sleep(2.0)
@@ -245,7 +244,7 @@ def test_late_instance_supersedes_and_resend_is_idempotent(env: dict[str, Any], 
 
     late = f.save(f.chest_radiograph(study_uid=study_uid), tmp_path / "late.dcm")
     assert storescu(gw.dicom_port, late).returncode == 0
-    old, new = _wait("superseding report", lambda: reports(2))
+    old, new = wait_for("superseding report", lambda: reports(2))
     assert old["sop_instance_uid"] == one["sop_instance_uid"] and new["supersedes"] == one["sop_instance_uid"]
     sr = _received_srs(env["pacs"])[new["sop_instance_uid"]]
     assert [
@@ -284,7 +283,7 @@ def test_our_own_report_sent_back_is_not_processed(env: dict[str, Any]) -> None:
         )
         return study if done else None
 
-    study = _wait("the returned SR's study to be processed", processed)
+    study = wait_for("the returned SR's study to be processed", processed)
     ours_routing = [
         r
         for r in study["routing"]

@@ -38,10 +38,14 @@ def test_discovers_tiny_bundles_without_loading_them(tiny_bundle_dir: Path) -> N
     assert registry.get("knee") is None
 
 
-def test_shipped_folder_holds_no_model() -> None:
+def test_shipped_folder_holds_the_chest_models() -> None:
     assert SHIPPED_DIR.is_dir() and (SHIPPED_DIR / "README.md").is_file()
-    assert not list(SHIPPED_DIR.rglob("*.keras"))
-    assert ModelRegistry().names() == []
+    registry = ModelRegistry()
+    assert not registry.problems
+    assert {"pneumonia", "covid19"} <= set(registry.names())
+    for name in ("pneumonia", "covid19"):
+        model = registry.get(name)
+        assert isinstance(model, KerasBundleModel) and model.path == SHIPPED_DIR / name and not model.loaded
 
 
 def test_single_bundle_dir_and_later_dirs_win(tiny_bundle_dir: Path, tmp_path: Path) -> None:

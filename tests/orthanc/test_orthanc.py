@@ -9,7 +9,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,23 +20,13 @@ from orthanc_api_client import OrthancApiClient
 
 from tests import factories as f
 from tests.inference.tiny_models import make_tiny_bundles
-from tests.peers import free_port, gateway_serve, orthanc_server, storescu
+from tests.peers import free_port, gateway_serve, orthanc_server, storescu, wait_for
 from tests.reporting.dciodvfy import assert_dciodvfy_clean
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SECRET = "test-secret-0123456789"
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Setup:
@@ -130,7 +120,7 @@ def _send_study(setup: Setup, tmp_path: Path, n: int = 1) -> str:
 def test_stable_study_gets_its_reports_in_the_same_orthanc_study(setup: Setup, tmp_path: Path) -> None:
     with setup.orthanc(), setup.gateway():
         study_uid = _send_study(setup, tmp_path, n=2)
-        srs = _wait("two SRs in Orthanc", lambda: len(s := setup.our_srs(study_uid)) == 2 and s)
+        srs = wait_for("two SRs in Orthanc", lambda: len(s := setup.our_srs(study_uid)) == 2 and s)
         assert {ds.ManufacturerModelName for ds in srs} == {"pneumonia", "covid19"}
         for i, ds in enumerate(srs):
             path = tmp_path / f"sr{i}.dcm"
@@ -151,7 +141,7 @@ def test_stable_study_gets_its_reports_in_the_same_orthanc_study(setup: Setup, t
 def test_webhook_replayed_100_times_makes_one_report_per_model(setup: Setup, tmp_path: Path) -> None:
     with setup.orthanc(), setup.gateway():
         study_uid = _send_study(setup, tmp_path)
-        _wait("first SRs", lambda: len(setup.our_srs(study_uid)) == 2)
+        wait_for("first SRs", lambda: len(setup.our_srs(study_uid)) == 2)
         orthanc_id = setup.api.studies.lookup(study_uid)
         for _ in range(100):
             assert setup.post_webhook({"study": orthanc_id}) == 202
@@ -160,7 +150,7 @@ def test_webhook_replayed_100_times_makes_one_report_per_model(setup: Setup, tmp
             jobs = setup.study(study_uid)["jobs"]
             return all(j["status"] in ("done", "failed") for j in jobs)
 
-        _wait("replayed jobs to finish", drained)
+        wait_for("replayed jobs to finish", drained)
         assert len(setup.our_srs(study_uid)) == 2
         reports = setup.study(study_uid)["reports"]
         assert len(reports) == 2
@@ -187,7 +177,7 @@ def test_studies_stable_while_the_gateway_was_down_are_processed_after_restart(
         time.sleep(4)  # stable in Orthanc; the plugin's webhook fails (nobody listening)
         assert "webhook for study" in (setup.root / "orthanc" / "orthanc.log").read_text()
         with setup.gateway("second"):
-            srs = _wait("SRs from the reconciler", lambda: len(s := setup.our_srs(study_uid)) == 2 and s)
+            srs = wait_for("SRs from the reconciler", lambda: len(s := setup.our_srs(study_uid)) == 2 and s)
     assert len(srs) == 2
 
 
@@ -205,8 +195,8 @@ def test_orthanc_down_upload_is_retried_and_visible(setup: Setup, tmp_path: Path
                 d["status"] == "pending" and d["attempts"] >= 1 and d["last_error"] for d in ups
             )
 
-        _wait("failed uploads visible in the API", failing)
+        wait_for("failed uploads visible in the API", failing)
         with setup.orthanc():
-            _wait("uploads after Orthanc came back", lambda: len(setup.our_srs(study_uid)) == 2)
+            wait_for("uploads after Orthanc came back", lambda: len(setup.our_srs(study_uid)) == 2)
             ups = [d for r in setup.study(study_uid)["reports"] for d in r["deliveries"]]
             assert all(d["status"] == "sent" for d in ups)

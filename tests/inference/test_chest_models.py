@@ -1,0 +1,141 @@
+"""The shipped chest models (pneumonia, covid19): package, determinism, the real DICOM files, the gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from core.domain import InstanceRef
+from inference.base import assess, run_model
+from inference.bundle import KerasBundleModel
+from inference.outliers import document, knee_like
+from inference.preprocess import load_dicom_image
+from inference.registry import SHIPPED_DIR, ModelRegistry
+from reporting.codes import FINDING_CODES
+from tests.inference.conftest import DICOM_DIR, shared_dicom
+
+REPO = Path(__file__).resolve().parents[2]
+CHEST = ("pneumonia", "covid19")
+FILES = ("dx_chest_small.dcm", "cr_chest_jpegls.dcm", "cr_hip_rle.dcm", "sc_fundus_j2k.dcm")
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict[str, KerasBundleModel]:
+    registry = ModelRegistry()
+    models = {name: registry.get(name) for name in CHEST}
+    for name, model in models.items():
+        assert isinstance(model, KerasBundleModel), f"{name} must ship in inference/weights/{name}"
+    return models  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def refs() -> list[InstanceRef]:
+    out = []
+    for name in FILES:
+        ds = pydicom.dcmread(shared_dicom(name), stop_before_pixels=True)
+        out.append(
+            InstanceRef(
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, DICOM_DIR / name
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", CHEST)
+def test_bundle_ships_in_the_package_and_is_small(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+    model = shipped[name]
+    assert model.path == SHIPPED_DIR / name
+    for file in ("model.keras", "model.json", "model.tflite", "gate_stats.npz"):
+        size = (model.path / file).stat().st_size
+        assert 0 < size < 5_000_000, f"{file}: {size} bytes"
+    assert model.info.version == "1.0.0" and model.modality_kind == "chest"
+    assert {o.finding for o in model.metadata.outputs} <= set(FINDING_CODES)
+    assert (REPO / "inference" / "cards" / f"{name}.md").is_file()
+
+
+@pytest.mark.parametrize("name", CHEST)
+def test_real_dicom_files_through_the_pipeline(
+    name: str, shipped: dict[str, KerasBundleModel], refs: list[InstanceRef]
+) -> None:
+    results = {r.instance.path.name: r for r in run_model(shipped[name], refs, with_heatmap=True)}
+    for chest in ("dx_chest_small.dcm", "cr_chest_jpegls.dcm"):
+        r = results[chest]
+        assert r.assessable, r.reason
+        assert r.findings and all(0.0 <= f.probability <= 1.0 for f in r.findings)
+        assert r.heatmap is not None and r.heatmap.shape == load_dicom_image(DICOM_DIR / chest).shape[:2]
+    for other in ("cr_hip_rle.dcm", "sc_fundus_j2k.dcm"):
+        r = results[other]
+        assert not r.assessable and r.findings == () and r.reason is not None
+        assert r.reason.startswith("not assessable: ")
+
+
+@pytest.mark.parametrize("name", CHEST)
+def test_deterministic_across_instances(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+    image = load_dicom_image(shared_dicom("cr_chest_jpegls.dcm"))
+    first = shipped[name].probabilities([image, image])
+    again = KerasBundleModel(shipped[name].path).probabilities([image])
+    assert np.array_equal(first[0], first[1]) and np.array_equal(first[0], again[0])
+
+
+def test_pneumonia_subtypes_only_with_pneumonia(shipped: dict[str, KerasBundleModel]) -> None:
+    model = shipped["pneumonia"]
+    images = [load_dicom_image(shared_dicom(n)) for n in ("dx_chest_small.dcm", "cr_chest_jpegls.dcm")]
+    for findings in model.predict(images):
+        by = {f.name: f for f in findings}
+        assert list(by) == ["pneumonia", "bacterial_pneumonia", "viral_pneumonia"]
+        assert by["bacterial_pneumonia"].probability + by["viral_pneumonia"].probability == pytest.approx(1.0)
+        subtypes = by["bacterial_pneumonia"].present + by["viral_pneumonia"].present
+        assert subtypes == (1 if by["pneumonia"].present else 0)
+
+
+def test_covid19_findings(shipped: dict[str, KerasBundleModel]) -> None:
+    [findings] = shipped["covid19"].predict([load_dicom_image(shared_dicom("dx_chest_small.dcm"))])
+    assert [f.name for f in findings] == ["covid19", "viral_pneumonia"]
+    assert sum(f.probability for f in findings) <= 1.0 + 1e-9
+    assert sum(f.present for f in findings) <= 1
+
+
+@pytest.mark.parametrize("name", CHEST)
+def test_gate_rejects_synthetic_non_chest_images(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+    rng = np.random.default_rng(11)
+    images = [rng.random((300, 300), dtype=np.float32), document(rng), knee_like(rng)]
+    for a in assess(shipped[name], images):
+        assert not a.assessable and a.reason is not None and a.findings == ()
+
+
+def test_gateway_predict_json_with_shipped_models(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_INFERENCE__MODEL_DIRS"}
+    env["GATEWAY_DATA_DIR"] = str(tmp_path / "var")
+    files = [str(DICOM_DIR / n) for n in ("dx_chest_small.dcm", "cr_chest_jpegls.dcm", "cr_hip_rle.dcm")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "predict", "--json", *files],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    keys = {"file", "model", "version", "assessable", "reason", "findings"}
+    assert all(set(r) == keys for r in rows)
+    chest = [r for r in rows if Path(r["file"]).name != "cr_hip_rle.dcm"]
+    assert sorted((Path(r["file"]).name, r["model"]) for r in chest) == sorted(
+        (Path(f).name, m) for f in files[:2] for m in CHEST
+    )
+    for r in chest:
+        assert r["assessable"] and r["version"] == "1.0.0"
+        for f in r["findings"]:
+            assert set(f) == {"finding", "probability", "threshold", "label"} and f["label"] in {
+                "present",
+                "absent",
+            }
+    [hip] = [r for r in rows if Path(r["file"]).name == "cr_hip_rle.dcm"]
+    assert not hip["assessable"] and hip["findings"] == []

@@ -65,6 +65,7 @@ class ImageResult:
     """What one model said about one image.
 
     When ``assessable`` is false, ``findings`` is empty and ``reason`` says why ("not assessable: ...").
+    When it is true, ``reason`` may carry a note on how the input was read (e.g. "input: optic-disc crop").
     """
 
     instance: InstanceRef

@@ -1,0 +1,301 @@
+"""Input-consistency gate and input adapter of the fundus (glaucoma) model.
+
+Behind the rule gate of :mod:`inference.gate` (blank and grayscale images are rejected there) come two
+checks, each with separate statistics for full photographs and for optic-disc crops (:mod:`inference.fundus`
+decides which the image is):
+
+1. Structural similarity (SSIM, as the COVID-19 service did with an average chest radiograph) of the image,
+   gray at 64 x 64, with the average training image of its kind, stored in the bundle. Below the 0.5th
+   percentile of the training images the input is rejected.
+2. Mahalanobis distance of 14 colour and texture statistics of the disc crop the network sees to those of
+   the training images (Ledoit-Wolf covariance). The bound is the 99.5th percentile of the
+   training distances; the model card reports how many validation images it rejects (goal <= 1 %).
+
+3. Mahalanobis distance of the network's penultimate embedding (``"features"``, 96 values) of the crop to
+   the training crops (Ledoit-Wolf covariance plus a small ridge, :func:`inference.gate.fit_feature_stats`),
+   bound at the 99.5th percentile of the training distances; the bundle runs it through
+   :meth:`FundusDiscAdapter.check_features` and reuses the network's output for the prediction.
+
+The statistics live in ``fundus_gate.npz`` next to ``model.keras``. :class:`FundusDiscAdapter` is what
+``"preprocess": "fundus-disc"`` in ``model.json`` plugs into :class:`inference.bundle.KerasBundleModel`: it
+gates, cuts the disc crop the network sees, says which kind of input it got and maps the heatmap back.
+No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from skimage.metrics import structural_similarity
+
+from inference.fundus import (
+    DiscLocation,
+    InputKind,
+    as_rgb,
+    crop_at,
+    locate_disc,
+    place_on_image,
+)
+
+GATE_FILE = "fundus_gate.npz"
+SSIM_SIDE = 64
+KINDS: tuple[InputKind, ...] = ("full", "disc")
+SSIM_PERCENTILE = 0.5
+DISTANCE_PERCENTILE = 99.5
+FEATURE_NAMES = (
+    "mean_r", "mean_g", "mean_b", "sd_r", "sd_g", "sd_b", "log_g_r",
+    "centre_minus_surround", "dark_fraction", "laplacian", "saturation", "red_green_blue_order",
+    "vessels", "hue_concentration",
+)  # fmt: skip
+
+
+def ssim_view(image: np.ndarray) -> np.ndarray:
+    """Gray 64 x 64 float32 view compared with the average image."""
+    gray = cv2.cvtColor(as_rgb(image), cv2.COLOR_RGB2GRAY)
+    return np.asarray(
+        cv2.resize(gray, (SSIM_SIDE, SSIM_SIDE), interpolation=cv2.INTER_AREA), dtype=np.float32
+    )
+
+
+def ssim(view: np.ndarray, mean: np.ndarray) -> float:
+    return float(structural_similarity(view, mean, data_range=1.0, gaussian_weights=True, sigma=1.5))
+
+
+def crop_features(crop: np.ndarray) -> np.ndarray:
+    """Colour and texture statistics of a disc crop (float32 RGB in [0, 1])."""
+    small = cv2.resize(crop, (32, 32), interpolation=cv2.INTER_AREA)
+    means, sds = small.reshape(-1, 3).mean(axis=0), small.reshape(-1, 3).std(axis=0)
+    eps = 1e-3
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    centre = float(gray[10:22, 10:22].mean()) - float(gray.mean())
+    mid = cv2.cvtColor(cv2.resize(crop, (64, 64), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+    laplacian = float(np.abs(cv2.Laplacian(mid, cv2.CV_32F)).mean())
+    brightest, darkest = small.max(axis=2), small.min(axis=2)
+    saturation = float(((brightest - darkest) / (brightest + eps)).mean())
+    # fundus pixels are red >= green >= blue almost everywhere; noise and other scenes are not
+    lit = brightest > 0.05
+    ordered = (small[..., 0] >= small[..., 1]) & (small[..., 1] >= small[..., 2])
+    order = float(ordered[lit].mean()) if lit.any() else 0.0
+    # thin dark lines (vessels) in the green channel: black-hat at vessel scale, relative to the brightness
+    green = np.ascontiguousarray(cv2.resize(crop[..., 1], (64, 64), interpolation=cv2.INTER_AREA))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+    vessels = float(cv2.morphologyEx(green, cv2.MORPH_BLACKHAT, kernel).mean()) / (float(green.mean()) + eps)
+    hue = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)[..., 0][lit] if lit.any() else np.zeros(1, np.float32)
+    angle = np.deg2rad(hue.astype(np.float64))  # circular: red sits at both ends of the hue scale
+    concentration = float(np.hypot(np.cos(angle).mean(), np.sin(angle).mean()))
+    return np.array(
+        [
+            *means,
+            *sds,
+            np.log((means[1] + eps) / (means[0] + eps)),
+            centre,
+            float((brightest < 0.05).mean()),
+            np.log(laplacian + eps),
+            saturation,
+            order,
+            np.log(vessels + eps),
+            np.log(1.0 - concentration + 1e-3),
+        ],
+        dtype=np.float64,
+    )
+
+
+def features(image: np.ndarray, kind: InputKind, crop: np.ndarray) -> np.ndarray:
+    """Gate features of an input: those of the disc crop the network sees (the same for both kinds).
+
+    Field-of-view shape and aspect ratio, and the blue/red ratio, were tried and left out: they measure the
+    camera (EyePACS is square, cut at top and bottom; older cameras record almost no blue), so they
+    rejected most photographs of other databases.
+    """
+    return crop_features(crop)
+
+
+@dataclass(frozen=True)
+class KindStats:
+    """Gate statistics of one input kind."""
+
+    mean_view: np.ndarray
+    ssim_min: float
+    centre: np.ndarray
+    precision: np.ndarray
+    distance_max: float
+
+    def distance(self, f: np.ndarray) -> float:
+        d = f - self.centre
+        return float(np.sqrt(max(0.0, float(d @ self.precision @ d))))
+
+    @classmethod
+    def fit(cls, views: Sequence[np.ndarray], feats: np.ndarray) -> KindStats:
+        from sklearn.covariance import LedoitWolf
+
+        mean_view = np.mean(np.stack(views), axis=0).astype(np.float32)
+        scores = [ssim(v, mean_view) for v in views]
+        lw = LedoitWolf().fit(feats)
+        stats = cls(
+            mean_view, float(np.percentile(scores, SSIM_PERCENTILE)), lw.location_, lw.precision_, 0.0
+        )
+        distances = [stats.distance(f) for f in feats]
+        return cls(
+            mean_view,
+            stats.ssim_min,
+            lw.location_,
+            lw.precision_,
+            float(np.percentile(distances, DISTANCE_PERCENTILE)),
+        )
+
+
+@dataclass(frozen=True)
+class EmbeddingStats:
+    """Mean, precision and distance bound of the network's ``"features"`` embedding of training crops."""
+
+    centre: np.ndarray
+    precision: np.ndarray
+    distance_max: float
+
+    def distance(self, f: np.ndarray) -> float:
+        d = np.asarray(f, dtype=np.float64) - self.centre
+        return float(np.sqrt(max(0.0, float(d @ self.precision @ d))))
+
+
+@dataclass(frozen=True)
+class FundusGate:
+    """SSIM and Mahalanobis gate for full photographs and disc crops, plus the embedding distance."""
+
+    stats: dict[str, KindStats]
+    embedding: EmbeddingStats | None = None
+
+    def reason(self, image: np.ndarray, location: DiscLocation, crop: np.ndarray) -> str | None:
+        """None when the input passes, else why it does not."""
+        s = self.stats[location.kind]
+        kind = "full-field fundus photograph" if location.kind == "full" else "optic-disc crop"
+        score = ssim(ssim_view(image), s.mean_view)
+        if score < s.ssim_min:
+            return f"does not look like a {kind} (SSIM {score:.2f} with the average < {s.ssim_min:.2f})"
+        distance = self.distance(image, location, crop)
+        if distance > s.distance_max:
+            return (
+                f"colour/texture statistics unlike the training {kind}s "
+                f"(Mahalanobis distance {distance:.1f} > {s.distance_max:.1f})"
+            )
+        return None
+
+    def distance(self, image: np.ndarray, location: DiscLocation, crop: np.ndarray) -> float:
+        return self.stats[location.kind].distance(features(image, location.kind, crop))
+
+    def save(self, path: Path) -> Path:
+        arrays: dict[str, np.ndarray] = {}
+        for kind, s in self.stats.items():
+            arrays[f"{kind}_mean_view"] = s.mean_view
+            arrays[f"{kind}_centre"] = s.centre
+            arrays[f"{kind}_precision"] = s.precision
+            arrays[f"{kind}_bounds"] = np.array([s.ssim_min, s.distance_max])
+        if self.embedding is not None:
+            arrays["embedding_centre"] = self.embedding.centre
+            arrays["embedding_precision"] = self.embedding.precision
+            arrays["embedding_bound"] = np.array([self.embedding.distance_max])
+        np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> FundusGate:
+        with np.load(path) as data:
+            stats: dict[str, KindStats] = {
+                str(kind): KindStats(
+                    mean_view=data[f"{kind}_mean_view"].astype(np.float32),
+                    ssim_min=float(data[f"{kind}_bounds"][0]),
+                    centre=data[f"{kind}_centre"],
+                    precision=data[f"{kind}_precision"],
+                    distance_max=float(data[f"{kind}_bounds"][1]),
+                )
+                for kind in KINDS
+            }
+            embedding = (
+                EmbeddingStats(
+                    data["embedding_centre"], data["embedding_precision"], float(data["embedding_bound"][0])
+                )
+                if "embedding_centre" in data
+                else None
+            )
+        return cls(stats, embedding)
+
+
+def fit_gate(
+    full: Sequence[tuple[np.ndarray, DiscLocation]], crops: Sequence[np.ndarray], size: int
+) -> FundusGate:
+    """Gate statistics from training photographs (with their disc locations) and disc crops."""
+    full_crops = [crop_at(as_rgb(im), loc.cx, loc.cy, loc.crop_side, size) for im, loc in full]
+    full_stats = KindStats.fit(
+        [ssim_view(im) for im, _ in full],
+        np.stack([features(im, "full", c) for (im, _), c in zip(full, full_crops, strict=True)]),
+    )
+    disc_stats = KindStats.fit([ssim_view(c) for c in crops], np.stack([crop_features(c) for c in crops]))
+    return FundusGate({"full": full_stats, "disc": disc_stats})
+
+
+class FundusDiscAdapter:
+    """Input adapter for ``"preprocess": "fundus-disc"`` bundles (see :mod:`inference.bundle`)."""
+
+    def __init__(self, bundle_dir: Path, input_size: int) -> None:
+        self.size = input_size
+        self.gate = FundusGate.load(Path(bundle_dir) / GATE_FILE)
+        self._cache: dict[int, tuple[weakref.ref[np.ndarray], DiscLocation, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def analyse(self, image: np.ndarray) -> tuple[DiscLocation, np.ndarray]:
+        """Disc location and the network's input crop; remembered while the image object lives."""
+        with self._lock:
+            hit = self._cache.get(id(image))
+        if hit is not None and hit[0]() is image:
+            return hit[1], hit[2]
+        rgb = as_rgb(image)
+        location = locate_disc(rgb)
+        if location.kind == "disc":  # a hand-made crop: its central square, whole
+            h, w = rgb.shape[:2]
+            crop = crop_at(rgb, w / 2, h / 2, min(h, w), self.size)
+        else:
+            crop = crop_at(rgb, location.cx, location.cy, location.crop_side, self.size)
+        try:
+            ref = weakref.ref(image)
+        except TypeError:  # not weak-referenceable: do not cache
+            return location, crop
+        with self._lock:
+            self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None}
+            self._cache[id(image)] = (ref, location, crop)
+        return location, crop
+
+    def check(self, image: np.ndarray) -> str | None:
+        location, crop = self.analyse(image)
+        return self.gate.reason(image, location, crop)
+
+    def check_features(self, features: np.ndarray) -> str | None:
+        """Distance of the network's embedding of the crop to the training crops (after :meth:`check`)."""
+        e = self.gate.embedding
+        if e is None:
+            return None
+        distance = e.distance(features)
+        if distance > e.distance_max:
+            return (
+                "unlike the training fundus images "
+                f"(network feature distance {distance:.1f} > {e.distance_max:.1f})"
+            )
+        return None
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        return self.analyse(image)[1]
+
+    def describe(self, image: np.ndarray) -> str:
+        return self.analyse(image)[0].describe()
+
+    def heatmap_to_image(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """A map over the crop placed onto the input image (zero outside the crop), HxW float32."""
+        location, _ = self.analyse(image)
+        h, w = image.shape[:2]
+        if location.kind == "disc":
+            location = DiscLocation(kind="disc", cx=w / 2, cy=h / 2, fov_diameter=min(h, w))
+        return place_on_image(cam, image.shape, location)

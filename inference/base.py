@@ -52,7 +52,11 @@ def not_assessable(reason: str) -> str:
 
 @dataclass(frozen=True)
 class Assessment:
-    """What a model said about one image, before it is tied to an instance or a file."""
+    """What a model said about one image, before it is tied to an instance or a file.
+
+    ``reason`` says why when not assessable; on an assessable result it may carry the model's note on the
+    input (``describe_input``, e.g. "input: optic-disc crop (used as given)").
+    """
 
     assessable: bool
     findings: tuple[Finding, ...] = ()
@@ -93,7 +97,10 @@ def assess(model: Model, images: Sequence[np.ndarray], *, with_heatmap: bool = F
         else:
             for i, findings in zip(accepted, batch, strict=True):
                 heatmap = _heatmap(model, images[i]) if with_heatmap else None
-                results[i] = Assessment(assessable=True, findings=tuple(findings), heatmap=heatmap)
+                note = _input_note(model, images[i])
+                results[i] = Assessment(
+                    assessable=True, findings=tuple(findings), reason=note, heatmap=heatmap
+                )
     return [results[i] for i in range(len(images))]
 
 
@@ -129,6 +136,19 @@ def run_model(
         )
         for i, instance in enumerate(instances)
     ]
+
+
+def _input_note(model: Model, image: np.ndarray) -> str | None:
+    """The model's note on an accepted input (optional ``describe_input``), e.g. "input: optic-disc crop"."""
+    method = getattr(model, "describe_input", None)
+    if method is None:
+        return None
+    try:
+        note = method(image)
+    except Exception:  # a note is a courtesy; losing it must not lose the finding
+        logger.exception("describe_input failed for model %s", model.info.name)
+        return None
+    return None if note is None else str(note)
 
 
 def _heatmap(model: Model, image: np.ndarray) -> np.ndarray | None:

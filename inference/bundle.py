@@ -7,6 +7,20 @@
      "outputs": [{"finding": "pneumonia", "index": 0, "threshold": 0.5}, ...],
      "gate": {"colour_saturation": 0.08}}
 
+An optional ``"preprocess"`` key names an input adapter (:data:`ADAPTERS`) for models that need more than a
+resize: it runs its own consistency checks after the rule gate, cuts the network input from the image, may
+describe what it got (:meth:`KerasBundleModel.describe_input`) and maps the heatmap back onto the image.
+``"fundus-disc"`` (:class:`inference.gate_fundus.FundusDiscAdapter`) finds the optic disc and crops it.
+
+Optional keys used by the chest models: ``"calibration"``, a list of ``{"columns": [...], "temperature": T}``
+(one column: sigmoid(logit(p) / T); several: softmax(log(p) / T) over them); ``"feature_gate"``, the name of
+an ``.npz`` file with a :class:`inference.gate.FeatureGate` (SSIM to an average radiograph, Mahalanobis
+distance of the network's embedding: the layers named in ``"feature_layers"``, default ``["features"]``,
+global-average-pooled and concatenated, see :func:`embedding_model`); an output's ``"requires"``, another
+finding that must be present for this one to be (a subtype). When ``model.tflite`` is present (a float32
+conversion with the outputs and the embedding as its two outputs) it serves the probabilities; Keras still
+draws the heatmaps.
+
 The network receives float32 N x size x size x channels in [0, 1] (see :func:`inference.preprocess.
 to_model_input`); any further normalisation belongs inside the Keras graph. Each output maps one column of
 the (sigmoid or softmax) output to a finding; ``present`` is probability >= threshold.
@@ -17,19 +31,22 @@ and building a registry stays cheap.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import cv2
 import numpy as np
 
 from core.domain import Finding, ModelInfo
-from inference.gate import GateBounds, check_consistency
+from inference.gate import MEASURE_SIDE, FeatureGate, GateBounds, check_consistency
 from inference.preprocess import to_model_input
 
 if TYPE_CHECKING:
@@ -38,13 +55,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
 METADATA_FILE = "model.json"
 _KINDS = ("fundus", "chest")
 _BATCH = 16
+#: ``"preprocess"`` value -> "module:class" of its :class:`InputAdapter` (imported on first use).
+ADAPTERS = {"fundus-disc": "inference.gate_fundus:FundusDiscAdapter"}
 
 
 class BundleError(ValueError):
     """A bundle directory is incomplete or its metadata is invalid."""
+
+
+class InputAdapter(Protocol):
+    """Model-specific gate and input preparation; built as ``cls(bundle_dir, input_size)``."""
+
+    def check(self, image: np.ndarray) -> str | None: ...
+
+    def prepare(self, image: np.ndarray) -> np.ndarray: ...
+
+    def describe(self, image: np.ndarray) -> str | None: ...
+
+    def heatmap_to_image(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray: ...
+
+    # optional: ``check_features(features: np.ndarray) -> str | None`` judges the network's "features"
+    # embedding of an image that passed ``check``; the outputs computed for it are reused by predict.
 
 
 @dataclass(frozen=True)
@@ -54,6 +89,15 @@ class OutputSpec:
     finding: str
     index: int
     threshold: float
+    requires: str | None = None  # present only when this finding is present too
+
+
+@dataclass(frozen=True)
+class CalibrationGroup:
+    """Temperature scaling of some output columns (sigmoid for one column, softmax over several)."""
+
+    columns: tuple[int, ...]
+    temperature: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +112,10 @@ class BundleMetadata:
     channels: int
     outputs: tuple[OutputSpec, ...]
     gate: GateBounds
+    preprocess: str | None = None
+    calibration: tuple[CalibrationGroup, ...] = ()
+    feature_gate: str | None = None
+    feature_layers: tuple[str, ...] = ("features",)
 
     @property
     def info(self) -> ModelInfo:
@@ -79,10 +127,22 @@ class BundleMetadata:
             name, version = str(data["name"]), str(data["version"])
             kind, size, channels = data["kind"], int(data["input_size"]), int(data["channels"])
             outputs = tuple(
-                OutputSpec(finding=str(o["finding"]), index=int(o["index"]), threshold=float(o["threshold"]))
+                OutputSpec(
+                    finding=str(o["finding"]),
+                    index=int(o["index"]),
+                    threshold=float(o["threshold"]),
+                    requires=None if o.get("requires") is None else str(o["requires"]),
+                )
                 for o in data["outputs"]
             )
+            calibration = tuple(
+                CalibrationGroup(tuple(int(c) for c in g["columns"]), float(g["temperature"]))
+                for g in data.get("calibration") or ()
+            )
+            feature_gate = None if data.get("feature_gate") is None else str(data["feature_gate"])
+            feature_layers = tuple(str(n) for n in data.get("feature_layers") or ("features",))
             gate = GateBounds.from_mapping(data.get("gate"))
+            preprocess = None if data.get("preprocess") is None else str(data["preprocess"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"invalid model metadata: {exc!r}") from exc
         if not name or not version:
@@ -93,11 +153,18 @@ class BundleMetadata:
             raise BundleError(f"input_size must be >= 8 and channels 1 or 3 (got {size}, {channels})")
         if not outputs:
             raise BundleError("model metadata lists no outputs")
+        if preprocess is not None and preprocess not in ADAPTERS:
+            raise BundleError(f"preprocess must be one of {sorted(ADAPTERS)}, not {preprocess!r}")
         if len({o.finding for o in outputs}) != len(outputs):
             raise BundleError("each finding may appear once in outputs")
         for o in outputs:
             if o.index < 0 or not 0.0 <= o.threshold <= 1.0:
                 raise BundleError(f"output {o.finding}: index must be >= 0 and threshold in [0, 1]")
+            if o.requires is not None and o.requires not in {p.finding for p in outputs} - {o.finding}:
+                raise BundleError(f"output {o.finding} requires unknown finding {o.requires!r}")
+        for g in calibration:
+            if not g.columns or g.temperature <= 0 or min(g.columns) < 0:
+                raise BundleError("calibration groups need columns >= 0 and a temperature > 0")
         return cls(
             name=name,
             version=version,
@@ -107,6 +174,10 @@ class BundleMetadata:
             channels=channels,
             outputs=outputs,
             gate=gate,
+            preprocess=preprocess,
+            calibration=calibration,
+            feature_gate=feature_gate,
+            feature_layers=feature_layers,
         )
 
     @classmethod
@@ -132,7 +203,12 @@ class KerasBundleModel:
         self.info: ModelInfo = self.metadata.info
         self.modality_kind: Literal["fundus", "chest"] = self.metadata.kind
         self._model: keras.Model | None = None
-        self._lock = threading.Lock()
+        self._adapter: InputAdapter | None = None
+        self._lock = threading.RLock()  # re-entrant: _run builds a runner that loads the model
+        self._runner: _Runner | None = None
+        self._feature_gate: FeatureGate | None = None
+        # Gated images (by identity, weakly held) -> their raw outputs, for predict.
+        self._recent: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"KerasBundleModel({self.info.name!r} {self.info.version}, {str(self.path)!r})"
@@ -142,7 +218,44 @@ class KerasBundleModel:
         return self._model is not None
 
     def check_input(self, image: np.ndarray) -> str | None:
-        return check_consistency(image, self.modality_kind, self.metadata.gate)
+        adapter = self._input_adapter()
+        # Without an adapter, one reduction serves the rule gate (it measures at this size anyway) and the
+        # network input: a full-size radiograph is resized once, not twice.
+        small = image if adapter is not None else reduce_image(image)
+        reason = check_consistency(small, self.modality_kind, self.metadata.gate)
+        if reason is None and adapter is not None:
+            reason = adapter.check(image)
+        if reason is None and adapter is not None and hasattr(adapter, "check_features"):
+            reason = self._check_adapter_features(image, adapter)
+        if reason is None and self.metadata.feature_gate is not None:
+            reason = self._check_features(image, small)
+        return reason
+
+    def _check_features(self, image: np.ndarray, small: np.ndarray) -> str | None:
+        """SSIM to the average radiograph, then the embedding tests; keeps the outputs for predict."""
+        gate = self._gate_stats()
+        x = self._input(small)
+        reason = gate.check_ssim(x)
+        if reason is not None:
+            return reason
+        outputs, features = self._run(x[np.newaxis])
+        self._remember(image, outputs[0])
+        if features is None:
+            raise BundleError(f"{self.info.name}: the network has no 'features' layer for its feature gate")
+        return gate.check_features(features[0])
+
+    def _check_adapter_features(self, image: np.ndarray, adapter: Any) -> str | None:
+        """The adapter's verdict on the network's ``"features"`` embedding; keeps the outputs for predict."""
+        outputs, features = self._run(self._input(image)[np.newaxis])
+        self._remember(image, outputs[0])
+        if features is None:
+            raise BundleError(f"{self.info.name}: the network has no 'features' layer for its adapter's gate")
+        return cast(str | None, adapter.check_features(features[0]))
+
+    def describe_input(self, image: np.ndarray) -> str | None:
+        """What the adapter made of an accepted image (e.g. full photograph or disc crop), or None."""
+        adapter = self._input_adapter()
+        return adapter.describe(image) if adapter is not None else None
 
     def predict(self, images: Sequence[np.ndarray]) -> list[list[Finding]]:
         probabilities = self.probabilities(images)
@@ -152,21 +265,29 @@ class KerasBundleModel:
                     name=o.finding,
                     probability=float(row[o.index]),
                     threshold=o.threshold,
-                    present=bool(row[o.index] >= o.threshold),
+                    present=bool(row[o.index] >= o.threshold) and self._parent_present(o, row),
                 )
                 for o in self.metadata.outputs
             ]
             for row in probabilities
         ]
 
+    def _parent_present(self, spec: OutputSpec, row: np.ndarray) -> bool:
+        parent = next((o for o in self.metadata.outputs if o.finding == spec.requires), None)
+        return parent is None or bool(row[parent.index] >= parent.threshold)
+
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Raw network outputs, N x columns, float64 (inference mode, fixed batches: deterministic)."""
+        """Calibrated network outputs, N x columns, float64 (inference mode, fixed batches: deterministic)."""
         if not images:
             return np.zeros((0, 1 + max(o.index for o in self.metadata.outputs)))
-        model = self._keras_model()
-        x = np.stack([self._input(image) for image in images])
-        rows = [_as_numpy(model(x[i : i + _BATCH], training=False)) for i in range(0, len(x), _BATCH)]
-        out = np.concatenate(rows).astype(np.float64)
+        known = [self._recalled(image) for image in images]
+        todo = [i for i, row in enumerate(known) if row is None]
+        if todo:
+            x = np.stack([self._input(images[i]) for i in todo])
+            fresh = np.concatenate([self._run(x[i : i + _BATCH])[0] for i in range(0, len(x), _BATCH)])
+            for i, row in zip(todo, fresh, strict=True):
+                known[i] = row
+        out = self._calibrated(np.stack([np.asarray(row) for row in known]).astype(np.float64))
         needed = 1 + max(o.index for o in self.metadata.outputs)
         if out.ndim != 2 or out.shape[1] < needed:
             raise BundleError(f"{self.info.name}: output shape {out.shape} lacks column {needed - 1}")
@@ -201,12 +322,73 @@ class KerasBundleModel:
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy().astype(np.float32)
         h, w = image.shape[:2]
-        cam = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR)
+        adapter = self._input_adapter()
+        if adapter is not None:
+            cam = adapter.heatmap_to_image(cam, image)
+        else:
+            cam = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR)
         peak = float(cam.max())
         return np.clip(cam / peak, 0.0, 1.0) if peak > 0 else np.zeros((h, w), dtype=np.float32)
 
     def _input(self, image: np.ndarray) -> np.ndarray:
-        return to_model_input(image, self.metadata.input_size, self.metadata.channels)
+        adapter = self._input_adapter()
+        if adapter is not None:
+            return adapter.prepare(image)
+        return to_model_input(reduce_image(image), self.metadata.input_size, self.metadata.channels)
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw outputs (and features when the runner has them) of a batch of network inputs."""
+        with self._lock:
+            if self._runner is None:
+                tflite = self.path / TFLITE_FILE
+                self._runner = _TfliteRunner(tflite) if tflite.is_file() else _KerasRunner(self)
+            runner = self._runner
+        return runner(x)
+
+    def _gate_stats(self) -> FeatureGate:
+        with self._lock:
+            if self._feature_gate is None:
+                assert self.metadata.feature_gate is not None
+                self._feature_gate = FeatureGate.load(self.path / self.metadata.feature_gate)
+            return self._feature_gate
+
+    def _remember(self, image: np.ndarray, row: np.ndarray) -> None:
+        """Keep the outputs computed by the gate so predict need not resize and run the image again."""
+        with self._lock:
+            self._recent[id(image)] = (weakref.ref(image), row)
+            while len(self._recent) > 64:
+                self._recent.popitem(last=False)
+
+    def _recalled(self, image: np.ndarray) -> np.ndarray | None:
+        with self._lock:
+            entry = self._recent.pop(id(image), None)
+        if entry is None or entry[0]() is not image:
+            return None
+        return entry[1]
+
+    def _calibrated(self, raw: np.ndarray) -> np.ndarray:
+        out = raw.copy()
+        for group in self.metadata.calibration:
+            cols = list(group.columns)
+            p = np.clip(raw[:, cols], 1e-7, 1 - 1e-7)
+            if len(cols) == 1:
+                z = np.log(p / (1 - p)) / group.temperature
+                out[:, cols] = 1 / (1 + np.exp(-z))
+            else:
+                z = np.log(p) / group.temperature
+                z -= z.max(axis=1, keepdims=True)
+                out[:, cols] = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        return out
+
+    def _input_adapter(self) -> InputAdapter | None:
+        if self.metadata.preprocess is None:
+            return None
+        with self._lock:
+            if self._adapter is None:
+                module, _, name = ADAPTERS[self.metadata.preprocess].partition(":")
+                cls = getattr(importlib.import_module(module), name)
+                self._adapter = cast(InputAdapter, cls(self.path, self.metadata.input_size))
+            return self._adapter
 
     def _keras_model(self) -> keras.Model:
         with self._lock:
@@ -215,6 +397,79 @@ class KerasBundleModel:
                 logger.info("loading model %s %s from %s", self.info.name, self.info.version, self.path)
                 self._model = keras.models.load_model(self.path / MODEL_FILE, compile=False)
             return self._model
+
+
+class _Runner(Protocol):
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+class _KerasRunner:
+    """The Keras network; with the ``"features"`` layer as second output when the network has one."""
+
+    def __init__(self, model: KerasBundleModel) -> None:
+        net = model._keras_model()
+        names = {layer.name for layer in net.layers}
+        layers = model.metadata.feature_layers
+        self._both = set(layers) <= names
+        self._net = embedding_model(net, layers) if self._both else net
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self._both:
+            return _as_numpy(self._net(x, training=False)), None
+        out, features = self._net(x, training=False)
+        return np.asarray(out), np.asarray(features)
+
+
+class _TfliteRunner:
+    """A TFLite interpreter (2 threads) with two outputs: probabilities (narrower) and features (wider)."""
+
+    def __init__(self, path: Path) -> None:
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():  # "tf.lite.Interpreter is deprecated" (LiteRT is not a dependency)
+            warnings.simplefilter("ignore")
+            self._interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        details = sorted(self._interpreter.get_output_details(), key=lambda d: int(d["shape"][-1]))
+        self._outputs = [d["index"] for d in details]
+        self._lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        rows, feats = [], []
+        with self._lock:
+            for xi in np.asarray(x, dtype=np.float32):
+                self._interpreter.set_tensor(self._input, xi[np.newaxis])
+                self._interpreter.invoke()
+                rows.append(self._interpreter.get_tensor(self._outputs[0])[0].copy())
+                feats.append(self._interpreter.get_tensor(self._outputs[-1])[0].copy())
+        return np.stack(rows), (np.stack(feats) if len(self._outputs) > 1 else None)
+
+
+def reduce_image(image: np.ndarray, side: int = MEASURE_SIDE) -> np.ndarray:
+    """``image`` shrunk (INTER_AREA) to a long side of at most ``side``, as the rule gate measures it."""
+    h, w = image.shape[:2]
+    scale = side / max(h, w, 1)
+    if scale >= 1:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA))
+
+
+def embedding_model(net: keras.Model, layers: Sequence[str] = ("features",)) -> keras.Model:
+    """``net`` with a second output, the gate's embedding: the named layers' outputs, global-average-pooled
+    when spatial, concatenated (one layer: as it is)."""
+    keras = _keras()
+    parts = []
+    for name in layers:
+        out = net.get_layer(name).output
+        if len(out.shape) == 4:
+            out = keras.layers.GlobalAveragePooling2D(name=f"gate_pool_{name}")(out)
+        parts.append(out)
+    embedding = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="gate_embedding")(parts)
+    return keras.Model(net.inputs, [net.output, embedding])
 
 
 def write_bundle(directory: Path, model: keras.Model, metadata: dict[str, Any]) -> Path:

@@ -221,7 +221,10 @@ class KerasBundleModel:
         adapter = self._input_adapter()
         # Without an adapter, one reduction serves the rule gate (it measures at this size anyway) and the
         # network input: a full-size radiograph is resized once, not twice.
-        small = image if adapter is not None else reduce_image(image)
+        # With an adapter, its working copy (one reduction of a full-resolution photograph, cached) is reduced
+        # further for the rule gate instead of the original.
+        working = getattr(adapter, "working_image", None)
+        small = reduce_image(working(image) if working is not None else image)
         reason = check_consistency(small, self.modality_kind, self.metadata.gate)
         if reason is None and adapter is not None:
             reason = adapter.check(image)

@@ -11,12 +11,11 @@ import numpy as np
 
 from inference.bundle import KerasBundleModel
 from inference.evaluate import Estimate, plot_calibration, plot_roc, write_card
-from inference.fundus import CROP_FRACTION, locate_disc
+from inference.fundus import CROP_FRACTION
 from inference.glaucoma_report import (
     external_sets,
     gate_table,
     localiser_figures,
-    montage,
     score,
     speed,
 )
@@ -114,12 +113,8 @@ def write_glaucoma_card(
         },
         title="Calibration (validation)",
     )
-    picks = list(range(0, len(val_images), max(1, len(val_images) // 12)))[:12]
-    mont = montage(
-        folder / "glaucoma_localiser.png",
-        [val_images[i] for i in picks],
-        [locate_disc(val_images[i]) for i in picks],
-    )
+    # No picture of the photographs themselves: the EyePACS-AIROGS licence (CC BY-NC-ND) allows no
+    # derivatives in the repository. inference.glaucoma_report.montage draws one locally when needed.
 
     metrics: dict[str, Estimate | float | str] = {
         f"AUC, validation photographs ({full['n'] - full['rejected']} of {full['n']} accepted)": full.get(
@@ -160,7 +155,7 @@ def write_glaucoma_card(
         confounds=CONFOUNDS,
         intended_use=INTENDED_USE,
         extra={
-            "Optic-disc localiser": _localiser_text(loc, mont.name),
+            "Optic-disc localiser": _localiser_text(loc),
             "Speed": (
                 f"Median {ms:.1f} ms (fastest {fastest:.1f} ms) per 512 px photograph at batch 1, decoded "
                 "pixels to findings (rule "
@@ -214,13 +209,12 @@ def _gate_text(table: str) -> str:
     )
 
 
-def _localiser_text(loc: dict[str, Any], montage_name: str) -> str:
+def _localiser_text(loc: dict[str, Any]) -> str:
     return (
         f"Detected disc centre inside the annotated disc (mask, else box) on {loc['hits']} of {loc['n']} "
         f"fundus-disc-samples photographs with annotations ({loc['disc_hit']}). Full photographs recognised "
         "as "
-        f"such: {loc['full_as_full']}; hand-made disc crops recognised as crops: {loc['crop_as_crop']}.\n\n"
-        f"![localiser on validation photographs: cross = detected centre, square = crop]({montage_name})"
+        f"such: {loc['full_as_full']}; hand-made disc crops recognised as crops: {loc['crop_as_crop']}."
     )
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import update
 
 from core.db import transaction
@@ -38,10 +39,10 @@ def pull_orthanc_study(rt: Runtime, job: ClaimedJob) -> None:
         except OrthancRejected:
             log.warning("Orthanc instance %s vanished while pulling study %s", instance_id, orthanc_id)
             continue
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
             meta = InstanceMeta.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-        except IngestError as exc:
+        except (IngestError, InvalidDicomError, AttributeError, EOFError) as exc:
             log.warning("Orthanc instance %s refused: %s", instance_id, exc)
             continue
         store_instance(rt.storage, rt.factory, meta, data, source="orthanc")

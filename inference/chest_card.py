@@ -30,7 +30,8 @@ from inference.preprocess import load_any, load_dicom_image, to_model_input
 
 logger = logging.getLogger(__name__)
 
-VERSION = "1.0.0"
+#: Bumped whenever a model's weights change: every SR names the version, and its UID depends on it.
+VERSIONS = {"pneumonia": "1.0.0", "covid19": "1.1.0"}
 GATE_FILE = "gate_stats.npz"
 REFERENCE_SIZE = 64
 #: SSIM bound: half the SSIM of the 0.5th percentile of validation radiographs. The SSIM of an input with
@@ -97,7 +98,7 @@ def finish_pneumonia(
     gate = _fit_gate(config, net, x[tr], x[va], feats_tr, feats_va)
     metadata = {
         "name": "pneumonia",
-        "version": VERSION,
+        "version": VERSIONS["pneumonia"],
         "display_name": "Pneumonia with bacterial/viral subtype (chest X-ray)",
         "kind": "chest",
         "input_size": SIZE,
@@ -148,7 +149,7 @@ def finish_covid19(
     gate = _fit_gate(config, net, x[tr], x[va], feats_tr, feats_va)
     metadata = {
         "name": "covid19",
-        "version": VERSION,
+        "version": VERSIONS["covid19"],
         "display_name": "COVID-19 / viral pneumonia / normal (chest X-ray)",
         "kind": "chest",
         "input_size": SIZE,

@@ -15,6 +15,7 @@ import pytest
 from core.domain import InstanceRef
 from inference.base import assess, run_model
 from inference.bundle import KerasBundleModel
+from inference.chest_card import VERSIONS
 from inference.outliers import document
 from inference.preprocess import load_dicom_image
 from inference.registry import SHIPPED_DIR, ModelRegistry
@@ -55,7 +56,7 @@ def test_bundle_ships_in_the_package_and_is_small(name: str, shipped: dict[str, 
     for file in ("model.keras", "model.json", "model.tflite", "gate_stats.npz"):
         size = (model.path / file).stat().st_size
         assert 0 < size < 5_000_000, f"{file}: {size} bytes"
-    assert model.info.version == "1.0.0" and model.modality_kind == "chest"
+    assert model.info.version == VERSIONS[name] and model.modality_kind == "chest"
     assert {o.finding for o in model.metadata.outputs} <= set(FINDING_CODES)
     assert (REPO / "inference" / "cards" / f"{name}.md").is_file()
 
@@ -131,7 +132,7 @@ def test_gateway_predict_json_with_shipped_models(tmp_path: Path) -> None:
         (Path(f).name, m) for f in files[:2] for m in CHEST
     )
     for r in chest:
-        assert r["assessable"] and r["version"] == "1.0.0"
+        assert r["assessable"] and r["version"] == VERSIONS[r["model"]]
         for f in r["findings"]:
             assert set(f) == {"finding", "probability", "threshold", "label"} and f["label"] in {
                 "present",

@@ -20,7 +20,7 @@ from core.settings import DicomSettings
 from core.storage import Storage
 from dicom_listener.server import Listener, serve
 from tests import factories as f
-from tests.peers import SHARED_DICOM, send_file, storescu
+from tests.peers import SHARED_DICOM, send_file, storescu, wait_for
 
 REAL_FILES = sorted(SHARED_DICOM.glob("*.dcm"))
 
@@ -246,7 +246,14 @@ def test_disk_failure_answers_out_of_resources(
 
 def test_release_starts_the_quiet_period(listener: Listener, factory: sessionmaker[Session]) -> None:
     assert storescu(listener.port, SHARED_DICOM / "dx_chest_small.dcm").returncode == 0
+
+    def released() -> Study | None:
+        # The connection-closed event is handled just after storescu has seen the release.
+        with factory() as s:
+            study = s.scalars(select(Study)).one()
+        return study if study.released_at is not None else None
+
+    study = wait_for("the release to be recorded", released, timeout=10)
+    assert study.released_at >= study.last_received_at
     with factory() as s:
-        study = s.scalars(select(Study)).one()
-        assert study.released_at is not None and study.released_at >= study.last_received_at
         assert s.scalars(select(Series)).one().modality == "DX"

@@ -61,9 +61,10 @@ def main() -> None:
     import keras
 
     from inference.base import assess
-    from inference.bundle import KerasBundleModel, _KerasRunner, _TfliteRunner
+    from inference.bundle import KerasBundleModel
     from inference.preprocess import load_dicom_image
     from inference.registry import ModelRegistry
+    from inference.runners import KerasRunner, TfliteRunner
 
     print(f"{'model':<28} {'batch 1 ms/img':>15} {'batch 16 ms/img':>16}  notes")
     registry = ModelRegistry()
@@ -77,12 +78,12 @@ def main() -> None:
         note = f"full path on {SAMPLE[model.modality_kind]} {image.shape[1]}x{image.shape[0]}"
         print(f"{model.info.name + ' ' + model.info.version:<28} {b1:>15.2f} {b16:>16.2f}  {note}")
         x = model._input(image)[np.newaxis]
-        keras_ms = timed(lambda m=model, x=x: _KerasRunner(m)(x), 1) * 1000  # includes the wrapper build
-        runner = _KerasRunner(model)
+        layers = model.metadata.feature_layers
+        runner = KerasRunner(model._keras_model(), layers)
         keras_ms = timed(lambda r=runner, x=x: r(x), args.repeats) * 1000
         tflite = model.path / "model.tflite"
         if tflite.is_file():
-            lite = _TfliteRunner(tflite)
+            lite = TfliteRunner(tflite)
             lite_ms = timed(lambda r=lite, x=x: r(x), args.repeats) * 1000
             print(
                 f"{'  network only':<28} {'':>15} {'':>16}  "

@@ -1,11 +1,7 @@
 """Model bundles: a directory with ``model.keras`` (Keras 3) and ``model.json`` (metadata).
 
-``model.json``::
-
-    {"name": "pneumonia", "version": "1.0.0", "display_name": "Pneumonia screening (chest X-ray)",
-     "kind": "chest", "input_size": 224, "channels": 1,
-     "outputs": [{"finding": "pneumonia", "index": 0, "threshold": 0.5}, ...],
-     "gate": {"colour_saturation": 0.08}}
+``model.json`` is read and validated by :class:`inference.bundle_metadata.BundleMetadata` (format there);
+:mod:`inference.runners` runs the network.
 
 An optional ``"preprocess"`` key names an input adapter (:data:`ADAPTERS`) for models that need more than a
 resize: it runs its own consistency checks after the rule gate, cuts the network input from the image, may
@@ -25,8 +21,8 @@ The network receives float32 N x size x size x channels in [0, 1] (see :func:`in
 to_model_input`); any further normalisation belongs inside the Keras graph. Each output maps one column of
 the (sigmoid or softmax) output to a finding; ``present`` is probability >= threshold.
 
-This is the only module that imports TensorFlow/Keras, and only when a model is first used: reading metadata
-and building a registry stays cheap.
+TensorFlow/Keras are imported only when a model is first used: reading metadata and building a registry
+stays cheap.
 """
 
 from __future__ import annotations
@@ -38,158 +34,44 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import cv2
 import numpy as np
 
 from core.domain import Finding, ModelInfo
-from inference.gate import MEASURE_SIDE, FeatureGate, GateBounds, check_consistency
+from inference.bundle_metadata import (
+    ADAPTERS,
+    METADATA_FILE,
+    MODEL_FILE,
+    TFLITE_FILE,
+    BundleError,
+    BundleMetadata,
+    InputAdapter,
+    OutputSpec,
+)
+from inference.gate import MEASURE_SIDE, FeatureGate, check_consistency
 from inference.preprocess import to_model_input
+from inference.runners import KerasRunner, Runner, TfliteRunner, keras_module
 
 if TYPE_CHECKING:
     import keras
 
+__all__ = [
+    "METADATA_FILE",
+    "MODEL_FILE",
+    "TFLITE_FILE",
+    "BundleError",
+    "BundleMetadata",
+    "KerasBundleModel",
+    "reduce_image",
+    "write_bundle",
+]
+
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
-TFLITE_FILE = "model.tflite"
-METADATA_FILE = "model.json"
-_KINDS = ("fundus", "chest")
 _BATCH = 16
-#: ``"preprocess"`` value -> "module:class" of its :class:`InputAdapter` (imported on first use).
-ADAPTERS = {"fundus-disc": "inference.gate_fundus:FundusDiscAdapter"}
-
-
-class BundleError(ValueError):
-    """A bundle directory is incomplete or its metadata is invalid."""
-
-
-class InputAdapter(Protocol):
-    """Model-specific gate and input preparation; built as ``cls(bundle_dir, input_size)``."""
-
-    def check(self, image: np.ndarray) -> str | None: ...
-
-    def prepare(self, image: np.ndarray) -> np.ndarray: ...
-
-    def describe(self, image: np.ndarray) -> str | None: ...
-
-    def heatmap_to_image(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray: ...
-
-    # optional: ``check_features(features: np.ndarray) -> str | None`` judges the network's "features"
-    # embedding of an image that passed ``check``; the outputs computed for it are reused by predict.
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """One output column of the network and the finding it reports."""
-
-    finding: str
-    index: int
-    threshold: float
-    requires: str | None = None  # present only when this finding is present too
-
-
-@dataclass(frozen=True)
-class CalibrationGroup:
-    """Temperature scaling of some output columns (sigmoid for one column, softmax over several)."""
-
-    columns: tuple[int, ...]
-    temperature: float
-
-
-@dataclass(frozen=True)
-class BundleMetadata:
-    """The validated content of ``model.json``."""
-
-    name: str
-    version: str
-    display_name: str
-    kind: Literal["fundus", "chest"]
-    input_size: int
-    channels: int
-    outputs: tuple[OutputSpec, ...]
-    gate: GateBounds
-    preprocess: str | None = None
-    calibration: tuple[CalibrationGroup, ...] = ()
-    feature_gate: str | None = None
-    feature_layers: tuple[str, ...] = ("features",)
-
-    @property
-    def info(self) -> ModelInfo:
-        return ModelInfo(name=self.name, version=self.version, display_name=self.display_name)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BundleMetadata:
-        try:
-            name, version = str(data["name"]), str(data["version"])
-            kind, size, channels = data["kind"], int(data["input_size"]), int(data["channels"])
-            outputs = tuple(
-                OutputSpec(
-                    finding=str(o["finding"]),
-                    index=int(o["index"]),
-                    threshold=float(o["threshold"]),
-                    requires=None if o.get("requires") is None else str(o["requires"]),
-                )
-                for o in data["outputs"]
-            )
-            calibration = tuple(
-                CalibrationGroup(tuple(int(c) for c in g["columns"]), float(g["temperature"]))
-                for g in data.get("calibration") or ()
-            )
-            feature_gate = None if data.get("feature_gate") is None else str(data["feature_gate"])
-            feature_layers = tuple(str(n) for n in data.get("feature_layers") or ("features",))
-            gate = GateBounds.from_mapping(data.get("gate"))
-            preprocess = None if data.get("preprocess") is None else str(data["preprocess"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"invalid model metadata: {exc!r}") from exc
-        if not name or not version:
-            raise BundleError("model metadata needs a non-empty name and version")
-        if kind not in _KINDS:
-            raise BundleError(f"kind must be one of {_KINDS}, not {kind!r}")
-        if size < 8 or channels not in (1, 3):
-            raise BundleError(f"input_size must be >= 8 and channels 1 or 3 (got {size}, {channels})")
-        if not outputs:
-            raise BundleError("model metadata lists no outputs")
-        if preprocess is not None and preprocess not in ADAPTERS:
-            raise BundleError(f"preprocess must be one of {sorted(ADAPTERS)}, not {preprocess!r}")
-        if len({o.finding for o in outputs}) != len(outputs):
-            raise BundleError("each finding may appear once in outputs")
-        for o in outputs:
-            if o.index < 0 or not 0.0 <= o.threshold <= 1.0:
-                raise BundleError(f"output {o.finding}: index must be >= 0 and threshold in [0, 1]")
-            if o.requires is not None and o.requires not in {p.finding for p in outputs} - {o.finding}:
-                raise BundleError(f"output {o.finding} requires unknown finding {o.requires!r}")
-        for g in calibration:
-            if not g.columns or g.temperature <= 0 or min(g.columns) < 0:
-                raise BundleError("calibration groups need columns >= 0 and a temperature > 0")
-        return cls(
-            name=name,
-            version=version,
-            display_name=str(data.get("display_name") or name),
-            kind=kind,
-            input_size=size,
-            channels=channels,
-            outputs=outputs,
-            gate=gate,
-            preprocess=preprocess,
-            calibration=calibration,
-            feature_gate=feature_gate,
-            feature_layers=feature_layers,
-        )
-
-    @classmethod
-    def read(cls, bundle_dir: Path) -> BundleMetadata:
-        path = Path(bundle_dir) / METADATA_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BundleError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise BundleError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
 
 
 class KerasBundleModel:
@@ -205,7 +87,7 @@ class KerasBundleModel:
         self._model: keras.Model | None = None
         self._adapter: InputAdapter | None = None
         self._lock = threading.RLock()  # re-entrant: _run builds a runner that loads the model
-        self._runner: _Runner | None = None
+        self._runner: Runner | None = None
         self._feature_gate: FeatureGate | None = None
         # Gated images (by identity, weakly held) -> their raw outputs, for predict.
         self._recent: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = OrderedDict()
@@ -311,7 +193,7 @@ class KerasBundleModel:
         spec = next((o for o in self.metadata.outputs if finding in (None, o.finding)), None)
         if spec is None:
             raise ValueError(f"{self.info.name} has no output {finding!r}")
-        keras = _keras()
+        keras = keras_module()
         grad_model = keras.Model(model.inputs, [conv.output, model.output])
         x = tf.convert_to_tensor(self._input(image)[np.newaxis])
         with tf.GradientTape() as tape:
@@ -344,7 +226,11 @@ class KerasBundleModel:
         with self._lock:
             if self._runner is None:
                 tflite = self.path / TFLITE_FILE
-                self._runner = _TfliteRunner(tflite) if tflite.is_file() else _KerasRunner(self)
+                self._runner = (
+                    TfliteRunner(tflite)
+                    if tflite.is_file()
+                    else KerasRunner(self._keras_model(), self.metadata.feature_layers)
+                )
             runner = self._runner
         return runner(x)
 
@@ -396,59 +282,10 @@ class KerasBundleModel:
     def _keras_model(self) -> keras.Model:
         with self._lock:
             if self._model is None:
-                keras = _keras()
+                keras = keras_module()
                 logger.info("loading model %s %s from %s", self.info.name, self.info.version, self.path)
                 self._model = keras.models.load_model(self.path / MODEL_FILE, compile=False)
             return self._model
-
-
-class _Runner(Protocol):
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
-
-
-class _KerasRunner:
-    """The Keras network; with the ``"features"`` layer as second output when the network has one."""
-
-    def __init__(self, model: KerasBundleModel) -> None:
-        net = model._keras_model()
-        names = {layer.name for layer in net.layers}
-        layers = model.metadata.feature_layers
-        self._both = set(layers) <= names
-        self._net = embedding_model(net, layers) if self._both else net
-
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if not self._both:
-            return _as_numpy(self._net(x, training=False)), None
-        out, features = self._net(x, training=False)
-        return np.asarray(out), np.asarray(features)
-
-
-class _TfliteRunner:
-    """A TFLite interpreter (2 threads) with two outputs: probabilities (narrower) and features (wider)."""
-
-    def __init__(self, path: Path) -> None:
-        import warnings
-
-        import tensorflow as tf
-
-        with warnings.catch_warnings():  # "tf.lite.Interpreter is deprecated" (LiteRT is not a dependency)
-            warnings.simplefilter("ignore")
-            self._interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
-        self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        details = sorted(self._interpreter.get_output_details(), key=lambda d: int(d["shape"][-1]))
-        self._outputs = [d["index"] for d in details]
-        self._lock = threading.Lock()
-
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        rows, feats = [], []
-        with self._lock:
-            for xi in np.asarray(x, dtype=np.float32):
-                self._interpreter.set_tensor(self._input, xi[np.newaxis])
-                self._interpreter.invoke()
-                rows.append(self._interpreter.get_tensor(self._outputs[0])[0].copy())
-                feats.append(self._interpreter.get_tensor(self._outputs[-1])[0].copy())
-        return np.stack(rows), (np.stack(feats) if len(self._outputs) > 1 else None)
 
 
 def reduce_image(image: np.ndarray, side: int = MEASURE_SIDE) -> np.ndarray:
@@ -461,20 +298,6 @@ def reduce_image(image: np.ndarray, side: int = MEASURE_SIDE) -> np.ndarray:
     return np.asarray(cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA))
 
 
-def embedding_model(net: keras.Model, layers: Sequence[str] = ("features",)) -> keras.Model:
-    """``net`` with a second output, the gate's embedding: the named layers' outputs, global-average-pooled
-    when spatial, concatenated (one layer: as it is)."""
-    keras = _keras()
-    parts = []
-    for name in layers:
-        out = net.get_layer(name).output
-        if len(out.shape) == 4:
-            out = keras.layers.GlobalAveragePooling2D(name=f"gate_pool_{name}")(out)
-        parts.append(out)
-    embedding = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="gate_embedding")(parts)
-    return keras.Model(net.inputs, [net.output, embedding])
-
-
 def write_bundle(directory: Path, model: keras.Model, metadata: dict[str, Any]) -> Path:
     """Save ``model`` and its validated ``metadata`` as a bundle in ``directory`` (created if needed)."""
     BundleMetadata.from_dict(metadata)
@@ -485,22 +308,8 @@ def write_bundle(directory: Path, model: keras.Model, metadata: dict[str, Any]) 
     return directory
 
 
-def _keras() -> Any:
-    import keras
-
-    return keras
-
-
-def _as_numpy(output: Any) -> np.ndarray:
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return np.concatenate([np.asarray(o) for o in output], axis=-1)
-    return cast(np.ndarray, np.asarray(output))
-
-
 def _last_conv2d(model: keras.Model) -> Any:
-    keras = _keras()
+    keras = keras_module()
     for layer in reversed(model.layers):
         if isinstance(layer, keras.layers.Conv2D):
             return layer

@@ -297,8 +297,8 @@ def fit(
 def predict_with_features(
     net: Any, x: np.ndarray, batch_size: int = 64, *, layers: Sequence[str] = ("features",)
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Network outputs and gate embeddings (:func:`inference.bundle.embedding_model`) of uint8 images."""
-    from inference.bundle import embedding_model
+    """Network outputs and gate embeddings (:func:`inference.runners.embedding_model`) of uint8 images."""
+    from inference.runners import embedding_model
 
     both = embedding_model(net, layers)
     outs, feats = [], []
@@ -314,7 +314,7 @@ def export_tflite(net: Any, path: Path, *, layers: Sequence[str] = ("features",)
     """Convert ``net`` with a second output, the gate embedding of ``layers``, to a float32 TFLite file."""
     import tensorflow as tf
 
-    from inference.bundle import embedding_model
+    from inference.runners import embedding_model
 
     both = embedding_model(net, layers)
     converter = tf.lite.TFLiteConverter.from_keras_model(both)

@@ -12,10 +12,11 @@ Optional keys used by the chest models: ``"calibration"``, a list of ``{"columns
 (one column: sigmoid(logit(p) / T); several: softmax(log(p) / T) over them); ``"feature_gate"``, the name of
 an ``.npz`` file with a :class:`inference.gate.FeatureGate` (SSIM to an average radiograph, Mahalanobis
 distance of the network's embedding: the layers named in ``"feature_layers"``, default ``["features"]``,
-global-average-pooled and concatenated, see :func:`embedding_model`); an output's ``"requires"``, another
-finding that must be present for this one to be (a subtype). When ``model.tflite`` is present (a float32
-conversion with the outputs and the embedding as its two outputs) it serves the probabilities; Keras still
-draws the heatmaps.
+global-average-pooled and concatenated, see ``embedding_model``); an output's ``"requires"``, another
+finding that must be present for this one to be (a subtype); ``"domain_gate"``, a separate small classifier
+of whole chest radiographs run last (:mod:`inference.domain_gate`). When ``model.tflite`` is present (a
+float32 conversion with the outputs and the embedding as its two outputs) it serves the probabilities; Keras
+still draws the heatmaps. ``embedding_model`` is :func:`inference.runners.embedding_model`.
 
 The network receives float32 N x size x size x channels in [0, 1] (see :func:`inference.preprocess.
 to_model_input`); any further normalisation belongs inside the Keras graph. Each output maps one column of
@@ -51,6 +52,7 @@ from inference.bundle_metadata import (
     InputAdapter,
     OutputSpec,
 )
+from inference.domain_gate import DomainGate
 from inference.gate import MEASURE_SIDE, FeatureGate, check_consistency
 from inference.preprocess import to_model_input
 from inference.runners import KerasRunner, Runner, TfliteRunner, keras_module
@@ -89,6 +91,7 @@ class KerasBundleModel:
         self._lock = threading.RLock()  # re-entrant: _run builds a runner that loads the model
         self._runner: Runner | None = None
         self._feature_gate: FeatureGate | None = None
+        self._domain: DomainGate | None = None
         # Gated images (by identity, weakly held) -> their raw outputs, for predict.
         self._recent: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = OrderedDict()
 
@@ -114,6 +117,8 @@ class KerasBundleModel:
             reason = self._check_adapter_features(image, adapter)
         if reason is None and self.metadata.feature_gate is not None:
             reason = self._check_features(image, small)
+        if reason is None and self.metadata.domain_gate is not None:
+            reason = self._domain_classifier().check(small)
         return reason
 
     def _check_features(self, image: np.ndarray, small: np.ndarray) -> str | None:
@@ -240,6 +245,13 @@ class KerasBundleModel:
                 assert self.metadata.feature_gate is not None
                 self._feature_gate = FeatureGate.load(self.path / self.metadata.feature_gate)
             return self._feature_gate
+
+    def _domain_classifier(self) -> DomainGate:
+        with self._lock:
+            if self._domain is None:
+                assert self.metadata.domain_gate is not None
+                self._domain = DomainGate(self.path, self.metadata.domain_gate)
+            return self._domain
 
     def _remember(self, image: np.ndarray, row: np.ndarray) -> None:
         """Keep the outputs computed by the gate so predict need not resize and run the image again."""

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from core.domain import ModelInfo
+from inference.domain_gate import DomainGateSpec
 from inference.gate import GateBounds
 
 MODEL_FILE = "model.keras"
@@ -84,6 +85,7 @@ class BundleMetadata:
     calibration: tuple[CalibrationGroup, ...] = ()
     feature_gate: str | None = None
     feature_layers: tuple[str, ...] = ("features",)
+    domain_gate: DomainGateSpec | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -111,6 +113,8 @@ class BundleMetadata:
             feature_layers = tuple(str(n) for n in data.get("feature_layers") or ("features",))
             gate = GateBounds.from_mapping(data.get("gate"))
             preprocess = None if data.get("preprocess") is None else str(data["preprocess"])
+            domain = data.get("domain_gate")
+            domain_gate = None if domain is None else DomainGateSpec.from_mapping(domain)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"invalid model metadata: {exc!r}") from exc
         if not name or not version:
@@ -146,6 +150,7 @@ class BundleMetadata:
             calibration=calibration,
             feature_gate=feature_gate,
             feature_layers=feature_layers,
+            domain_gate=domain_gate,
         )
 
     @classmethod

@@ -3,7 +3,8 @@
 ``pneumonia`` (chest-xray-pneumonia, split grouped by ``patient_key``): the network outputs three columns,
 P(pneumonia), P(bacterial | pneumonia), P(viral | pneumonia) (sigmoid + a 2-way softmax trained only on
 pneumonia images). ``covid19`` (covid19-radiography, stratified split): a 3-way softmax normal / covid19 /
-viral_pneumonia. Both: 128 px gray input, the small CNN of :func:`inference.train.build_backbone`,
+viral_pneumonia. Gray input (128 px pneumonia, 160 px covid19), the small CNN of
+:func:`inference.train.build_backbone`,
 temperature scaling and thresholds fitted on validation, an SSIM + Mahalanobis input gate
 (:mod:`inference.chest_card` computes the figures and writes bundle and card).
 """
@@ -21,7 +22,8 @@ from inference import train as T
 
 logger = logging.getLogger(__name__)
 
-SIZE = 128
+#: Input size per model (covid19 1.2.0: 160 px).
+SIZES = {"pneumonia": 128, "covid19": 160}
 WIDTH = 32
 VAL_FRACTION = 0.2
 EPOCHS = {"pneumonia": 14, "covid19": 20}  # covid19 1.1.0: 20 epochs beat 14 on validation (0.952 vs 0.944)
@@ -33,7 +35,7 @@ def load_pneumonia(data: Path) -> tuple[list[dict[str, str]], np.ndarray, np.nda
     """Rows, uint8 images and targets N x 3: [pneumonia, bacterial, viral] (subtype columns 0 for normal)."""
     csv_path = T.labels_csv(data)
     rows = T.read_labels(csv_path)
-    x = T.load_images(csv_path.parent, [r["path"] for r in rows], SIZE)
+    x = T.load_images(csv_path.parent, [r["path"] for r in rows], SIZES["pneumonia"])
     y = np.zeros((len(rows), 3), dtype=np.float32)
     for i, r in enumerate(rows):
         if r["label"] != "normal":
@@ -46,7 +48,7 @@ def load_covid(data: Path) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray
     """Rows, uint8 images and class indices (0 normal, 1 covid19, 2 viral_pneumonia)."""
     csv_path = T.labels_csv(data)
     rows = T.read_labels(csv_path)
-    x = T.load_images(csv_path.parent, [r["path"] for r in rows], SIZE)
+    x = T.load_images(csv_path.parent, [r["path"] for r in rows], SIZES["covid19"])
     y = np.array([COVID_CLASSES.index(r["label"]) for r in rows], dtype=np.int64)
     return rows, x, y
 
@@ -76,7 +78,7 @@ def build_pneumonia_net(seed: int) -> Any:
     import keras
     from keras import layers
 
-    inputs, features = T.build_backbone(SIZE, 1, WIDTH)
+    inputs, features = T.build_backbone(SIZES["pneumonia"], 1, WIDTH)
     x = layers.Dropout(0.2, seed=seed)(features)
     pneumonia = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)
     subtype = layers.Dense(2, activation="softmax", name="subtype")(x)
@@ -88,7 +90,7 @@ def build_covid_net(seed: int) -> Any:
     import keras
     from keras import layers
 
-    inputs, features = T.build_backbone(SIZE, 1, WIDTH)
+    inputs, features = T.build_backbone(SIZES["covid19"], 1, WIDTH)
     x = layers.Dropout(0.2, seed=seed)(features)
     outputs = layers.Dense(len(COVID_CLASSES), activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="covid19_cnn")

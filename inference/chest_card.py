@@ -16,7 +16,8 @@ import numpy as np
 from inference import evaluate as E
 from inference import train as T
 from inference.bundle import reduce_image
-from inference.chest import COVID_CLASSES, SIZE, VAL_FRACTION, WIDTH
+from inference.chest import COVID_CLASSES, VAL_FRACTION, WIDTH
+from inference.domain_gate import DomainFit, export, fit_domain_gate, partial_views
 from inference.gate import (
     FeatureGate,
     fit_classifier,
@@ -30,20 +31,25 @@ from inference.preprocess import load_any, load_dicom_image, to_model_input
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever a model's weights change: every SR names the version, and its UID depends on it.
-VERSIONS = {"pneumonia": "1.0.0", "covid19": "1.1.0"}
+#: Bumped whenever a model's weights or gate change: every SR names the version, and its UID depends on it.
+VERSIONS = {"pneumonia": "1.0.1", "covid19": "1.2.0"}
 GATE_FILE = "gate_stats.npz"
 REFERENCE_SIZE = 64
 #: SSIM bound: half the SSIM of the 0.5th percentile of validation radiographs. The SSIM of an input with
-#: the average PA radiograph is a coarse test (a real lateral DX from another vendor measures below every
-#: validation image); it is meant to catch pages, noise and other gross misfits, stage 3 does the rest.
+#: the average PA radiograph is a coarse test, meant to catch pages, noise and other gross misfits; the
+#: later stages do the rest.
 SSIM_QUANTILE, SSIM_FACTOR = 0.005, 0.5
 #: Embedding-distance bound: the 99.9th percentile of validation (<= 0.1 % of in-domain images rejected).
 DISTANCE_QUANTILE = 0.001
-#: Real chest DICOMs the gate must accept (see :func:`_fit_gate`).
-REFERENCE_CHEST_DICOMS = ("dx_chest_small.dcm", "cr_chest_jpegls.dcm")
+#: Real frontal chest DICOMs of other vendors the gate must accept (see :func:`_fit_gate`). The lateral
+#: ``dx_chest_small.dcm`` is not one: the models read frontal views, so the gate must refuse it (model card).
+REFERENCE_CHEST_DICOMS = ("cr_chest_jpegls.dcm",)
+LATERAL_CHEST_DICOM = "dx_chest_small.dcm"
 #: Layers whose global-average-pooled activations form the gate's embedding (low- to high-level).
 GATE_LAYERS = ("b1a_relu", "b2b_relu", "b3b_relu", "last_conv_relu")
+#: Per synthetic kind, negatives for the domain classifier (6 kinds, plus gray fundus photographs and crops).
+DOMAIN_NEGATIVES = 120
+DOMAIN_EPOCHS = 8
 #: Data folder -> the other chest data set whose images also define "a chest radiograph" for the gate.
 SIBLING_DATA = {
     "chest-xray-pneumonia": "covid19-radiography",
@@ -95,13 +101,13 @@ def finish_pneumonia(
     cal[:, 0] = E.apply_temperature(E.logit(raw[:, 0]), t_pn)
     cal[:, 1:] = E.apply_temperature(np.log(np.clip(raw[:, 1:], 1e-7, 1)), t_sub)
     threshold = E.youden_threshold(yv[:, 0], cal[:, 0])
-    gate = _fit_gate(config, net, x[tr], x[va], feats_tr, feats_va)
+    gate, domain = _fit_gate(config, net, x[tr], x[va], feats_tr, feats_va)
     metadata = {
         "name": "pneumonia",
         "version": VERSIONS["pneumonia"],
         "display_name": "Pneumonia with bacterial/viral subtype (chest X-ray)",
         "kind": "chest",
-        "input_size": SIZE,
+        "input_size": input_size(net),
         "channels": 1,
         "outputs": [
             {"finding": "pneumonia", "index": 0, "threshold": round(threshold, 4)},
@@ -111,9 +117,10 @@ def finish_pneumonia(
         "calibration": [{"columns": [0], "temperature": t_pn}, {"columns": [1, 2], "temperature": t_sub}],
         "feature_gate": GATE_FILE,
         "feature_layers": list(GATE_LAYERS),
-        "training": _training_record(config, history, len(tr), len(va), grouped=True),
+        "domain_gate": domain.spec.as_dict(),
+        "training": _training_record(config, history, len(tr), len(va), grouped=True, size=input_size(net)),
     }
-    bundle = _write(config, net, metadata, gate)
+    bundle = _write(config, net, metadata, gate, domain)
     metrics = pneumonia_metrics(yv, cal, threshold)
     metrics["pneumonia ECE before temperature scaling"] = E.expected_calibration_error(yv[:, 0], raw[:, 0])
     fig_dir = config.card_path.parent
@@ -146,13 +153,13 @@ def finish_covid19(
     logp = np.log(np.clip(raw, 1e-7, 1))
     temperature = E.fit_temperature(logp, yv)
     cal = E.apply_temperature(logp, temperature)
-    gate = _fit_gate(config, net, x[tr], x[va], feats_tr, feats_va)
+    gate, domain = _fit_gate(config, net, x[tr], x[va], feats_tr, feats_va)
     metadata = {
         "name": "covid19",
         "version": VERSIONS["covid19"],
         "display_name": "COVID-19 / viral pneumonia / normal (chest X-ray)",
         "kind": "chest",
-        "input_size": SIZE,
+        "input_size": input_size(net),
         "channels": 1,
         "outputs": [
             {"finding": "covid19", "index": 1, "threshold": 0.5},
@@ -161,9 +168,10 @@ def finish_covid19(
         "calibration": [{"columns": [0, 1, 2], "temperature": temperature}],
         "feature_gate": GATE_FILE,
         "feature_layers": list(GATE_LAYERS),
-        "training": _training_record(config, history, len(tr), len(va), grouped=False),
+        "domain_gate": domain.spec.as_dict(),
+        "training": _training_record(config, history, len(tr), len(va), grouped=False, size=input_size(net)),
     }
-    bundle = _write(config, net, metadata, gate)
+    bundle = _write(config, net, metadata, gate, domain)
     metrics = covid_metrics(yv, cal)
     metrics["ECE (top class) before temperature scaling"] = E.expected_calibration_error(
         raw.argmax(axis=1) == yv, raw.max(axis=1)
@@ -268,14 +276,16 @@ def _fit_gate(
     x_va: np.ndarray,
     feats_tr: np.ndarray,
     feats_va: np.ndarray,
-) -> FeatureGate:
-    """SSIM reference and feature statistics from the training images, bounds from validation.
+) -> tuple[FeatureGate, DomainFit]:
+    """SSIM reference and feature statistics from the training images, bounds from validation; then the
+    domain classifier (:mod:`inference.domain_gate`) on the same radiographs.
 
     The gate asks "is this a chest radiograph?", not "is this a child from Guangzhou?": the other chest
     dataset beside ``config.data`` (:data:`SIBLING_DATA`), when present, joins both sides (80 % to the
     statistics, 20 % to the bounds, seeded), so adults pass the pediatric model's gate and vice versa.
     """
-    sibling = _sibling_images(config)
+    size = input_size(net)
+    sibling = _sibling_images(config, size)
     if sibling is not None:
         order = np.random.default_rng(config.seed).permutation(len(sibling))
         cut = int(0.8 * len(order))
@@ -290,7 +300,7 @@ def _fit_gate(
     distances = mahalanobis(feats_va, mean, precision)
     negatives = training_negatives(shared_root(config.data), seed=config.seed)
     x_neg = np.stack(
-        [np.rint(to_model_input(img, SIZE, 1)[..., 0] * 255).astype(np.uint8) for img in negatives]
+        [np.rint(to_model_input(img, size, 1)[..., 0] * 255).astype(np.uint8) for img in negatives]
     )
     feats_neg = T.predict_with_features(net, x_neg, layers=GATE_LAYERS)[1]
     scaler_mean, scaler_scale, coef, intercept = fit_classifier(feats_tr, feats_neg)
@@ -301,10 +311,10 @@ def _fit_gate(
     ssim_min = SSIM_FACTOR * float(np.quantile(ssim, SSIM_QUANTILE))
     distance_max = float(np.quantile(distances, 1 - DISTANCE_QUANTILE))
     score_min = float(np.quantile(scores, DISTANCE_QUANTILE))
-    # The real chest DICOMs of other vendors (shared/dicom, one a lateral view) must pass: the bounds give way
-    # to them with a margin, so they are calibration examples, not an independent test of the gate.
+    # The real frontal chest DICOM of another vendor (shared/dicom) must pass: the bounds give way to it with
+    # a margin, so it is a calibration example, not an independent test of the gate.
     for image in reference_chests(shared_root(config.data)):
-        x = to_model_input(reduce_image(image), SIZE, 1)
+        x = to_model_input(reduce_image(image), size, 1)
         ssim_min = min(ssim_min, 0.9 * ssim_to_reference(x, reference))
         x8 = np.rint(x[np.newaxis, ..., 0] * 255).astype(np.uint8)
         feats = T.predict_with_features(net, x8, layers=GATE_LAYERS)[1]
@@ -312,6 +322,7 @@ def _fit_gate(
         score = partial.classifier_score(feats)
         assert score is not None
         score_min = min(score_min, 0.5 * float(score[0]))
+    domain = _fit_domain(config, x_tr, x_va)
     return FeatureGate(
         reference=reference,
         ssim_min=ssim_min,
@@ -323,7 +334,29 @@ def _fit_gate(
         classifier_coef=coef,
         classifier_intercept=intercept,
         classifier_min=score_min,
+    ), domain
+
+
+def _fit_domain(config: T.TrainConfig, x_tr: np.ndarray, x_va: np.ndarray) -> DomainFit:
+    """The whole-chest-radiograph classifier: these radiographs vs partial views and non-radiographs."""
+    negatives = training_negatives(shared_root(config.data), seed=config.seed + 1, n=DOMAIN_NEGATIVES)
+    order = np.random.default_rng(config.seed + 1).permutation(len(negatives))
+    cut = int(0.8 * len(order))
+    # Partial views of the radiographs (one for every two) join each side's negatives.
+    rng = np.random.default_rng(config.seed)
+    fit = fit_domain_gate(
+        x_tr,
+        x_va,
+        [negatives[i] for i in order[:cut]] + partial_views(x_tr, rng, len(x_tr) // 2),
+        [negatives[i] for i in order[cut:]] + partial_views(x_va, rng, len(x_va) // 2),
+        seed=config.seed,
+        epochs=min(DOMAIN_EPOCHS, config.epochs or DOMAIN_EPOCHS),
+        must_pass=[reduce_image(image) for image in reference_chests(shared_root(config.data))],
     )
+    logger.info(
+        "domain classifier: %d radiographs vs %d negatives; bound %.4f", *fit.n_train, fit.spec.min_score
+    )
+    return fit
 
 
 def reference_chests(shared: Path | None) -> list[np.ndarray]:
@@ -340,27 +373,36 @@ def shared_root(data: Path) -> Path | None:
     return root if (root / "dicom").is_dir() else None
 
 
-def _sibling_images(config: T.TrainConfig) -> np.ndarray | None:
+def input_size(net: Any) -> int:
+    """The square input side of a trained network."""
+    return int(net.input_shape[1])
+
+
+def _sibling_images(config: T.TrainConfig, size: int) -> np.ndarray | None:
     data_dir = T.labels_csv(config.data).parent
     name = SIBLING_DATA.get(data_dir.name)
     if name is None or not (data_dir.parent / name / "labels.csv").is_file():
         return None
     rows = T.read_labels(data_dir.parent / name / "labels.csv")
     logger.info("gate statistics also from %d images of %s", len(rows), name)
-    return T.load_images(data_dir.parent / name, [r["path"] for r in rows], SIZE)
+    return T.load_images(data_dir.parent / name, [r["path"] for r in rows], size)
 
 
-def _write(config: T.TrainConfig, net: Any, metadata: dict, gate: FeatureGate) -> Path:
+def _write(config: T.TrainConfig, net: Any, metadata: dict, gate: FeatureGate, domain: DomainFit) -> Path:
     from inference.bundle import write_bundle
 
+    metadata["training"]["domain_gate"] = domain.summary()
     bundle = write_bundle(config.out_dir, net, metadata)
     gate.save(bundle / GATE_FILE)
+    export(domain.net, bundle / domain.spec.file)
     T.export_tflite(net, bundle / "model.tflite", layers=GATE_LAYERS)
     (bundle / "history.json").unlink(missing_ok=True)
     return bundle
 
 
-def _training_record(config: T.TrainConfig, history: dict, n_train: int, n_val: int, grouped: bool) -> dict:
+def _training_record(
+    config: T.TrainConfig, history: dict, n_train: int, n_val: int, grouped: bool, size: int
+) -> dict:
     return {
         "seed": config.seed,
         "val_fraction": VAL_FRACTION,
@@ -368,7 +410,7 @@ def _training_record(config: T.TrainConfig, history: dict, n_train: int, n_val: 
         "n_train": n_train,
         "n_val": n_val,
         "epochs_run": len(history.get("loss", [])),
-        "input_size": SIZE,
+        "input_size": size,
         "width": WIDTH,
         "history": history,
     }

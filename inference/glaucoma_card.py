@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 DESIGN_NOTES = Path(__file__).resolve().parent / "cards" / "glaucoma_design.md"
 
 ARCHITECTURE = f"""\
-Optic-disc crop CNN trained from scratch (no pretrained weights):
+Optic-disc crop CNN trained from scratch (no pretrained weights); since 1.1.0 an average of three such
+networks:
 
 * input: the disc-centred crop, {INPUT_SIZE} x {INPUT_SIZE} RGB in [0, 1]. For a full-field photograph
   the optic disc is located by classical image analysis (`inference/fundus.py`: field-of-view mask, vessel-
@@ -36,12 +37,16 @@ Optic-disc crop CNN trained from scratch (no pretrained weights):
   crop already and used whole (centre square). The result names which it was ("input: ...").
 * network (`inference/models/glaucoma.py`): per-image, per-channel standardisation (LayerNormalization
   over H and W, no parameters), five stages of two 3x3 Conv-BN-ReLU (16, 32, 48, 64, 96 filters) with
-  max-pooling between, global average pooling, dropout 0.3, one sigmoid unit. About 0.2 M weights.
+  max-pooling between, global average pooling, dropout 0.3, one sigmoid unit. About 0.26 M weights.
+* ensemble: three networks trained alike with seeds s, s + 1, s + 2 are joined into one graph that
+  averages their logits (`ensemble_network`: trunks side by side, one output unit holding the three output
+  weights / 3), so the bundle stays one network and one TFLite file (about 0.77 M weights).
 * training: AdamW (2e-3, cosine decay, weight decay 1e-4), binary cross-entropy with label smoothing 0.05,
   batch 32; disc crops re-cut every epoch with scale x0.8-1.25, shift +-8 %, rotation +-15 deg, flips,
   per-channel gain, brightness, gamma and blur jitter. Seeded (`keras.utils.set_random_seed`, op determinism).
 * calibration: temperature scaling on the validation logits, folded into the last layer (weights / T).
-* Grad-CAM over the last convolution, mapped back from the crop onto the input image."""
+* Grad-CAM over the last convolution (the third network's), mapped back from the crop onto the input
+  image."""
 
 CONFOUNDS = """\
 * All training images come from **one screening programme (EyePACS, via the AIROGS challenge "light"
@@ -151,7 +156,7 @@ def write_glaucoma_card(
             "probabilities: "
             f"**glaucoma present when p >= {threshold:.3f}**. Temperature T = {summary['temperature']:.3f}."
         ),
-        gate=_gate_text(gate_md),
+        gate=_gate_text(gate_md, json.loads((Path(bundle_dir) / "model.json").read_text())),
         confounds=CONFOUNDS,
         intended_use=INTENDED_USE,
         extra={
@@ -190,7 +195,20 @@ def _data_text(summary: dict[str, Any], data: Path) -> str:
     )
 
 
-def _gate_text(table: str) -> str:
+def _gate_text(table: str, meta: dict[str, Any]) -> str:
+    spec, d = meta.get("domain_gate"), meta.get("training", {}).get("domain_gate")
+    domain = (
+        "5. A separate domain classifier (`inference/domain_gate.py`, `domain_gate.tflite`): a tiny CNN on "
+        f"the whole input at {spec['input_size']} px RGB, trained on {d['positives']} positives (the "
+        "training photographs and their disc crops at three scales with colour jitter) against "
+        f"{d['negatives']} seeded colour noise images, pages and synthetic scenes (other seeds than the "
+        f"probes below); rejected below {spec['min_score']:.4f}, the 0.1th percentile of the validation "
+        f"positives. On its own validation set: {d['validation positives rejected']} of "
+        f"{d['validation positives']} photographs and crops rejected, {d['validation negatives passed']} of "
+        f"{d['validation negatives']} held-out negatives passed.\n"
+        if spec and d
+        else ""
+    )
     return (
         "1. Rule gate (`inference/gate.py`): blank images and grayscale images (saturation <= 0.08) are "
         "rejected, so every radiograph is 'not assessable: grayscale image, not a colour fundus "
@@ -203,9 +221,10 @@ def _gate_text(table: str) -> str:
         "share of red >= green >= blue pixels, vessel density, hue concentration) to the training crops; "
         "rejected "
         "beyond the 99.5th percentile of the training distances.\n"
-        "4. Mahalanobis distance of the network's 96-value penultimate embedding of the crop to the training "
-        "crops (Ledoit-Wolf plus ridge), rejected beyond the 99.5th "
-        "percentile of the training distances.\n\n" + table
+        "4. Mahalanobis distance of the network's penultimate embedding of the crop (the three networks' "
+        "pooled features, 288 values) to the training crops (Ledoit-Wolf plus ridge), rejected beyond the "
+        "99.5th percentile of out-of-fold training distances (5 folds: each crop measured against statistics "
+        "fitted without it).\n" + domain + "\n" + table
     )
 
 

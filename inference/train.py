@@ -252,7 +252,8 @@ def fit(
     monitor: str = "val_loss",
     metrics: Sequence[Any] = (),
 ) -> dict[str, list[float]]:
-    """Train ``net`` on uint8 images (N x S x S) with augmentation; early stopping restores the best weights.
+    """Train ``net`` on uint8 images (N x S x S gray or N x S x S x 3) with augmentation; early stopping
+    restores the best weights.
 
     Keras progress bars show each epoch. Returns the history.
     """
@@ -268,7 +269,9 @@ def fit(
         ds = ds.batch(batch_size)
 
         def prep(img: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            img = tf.cast(img[..., tf.newaxis], tf.float32) / 255.0
+            img = tf.cast(img, tf.float32) / 255.0
+            if len(img.shape) == 3:  # gray N x S x S
+                img = img[..., tf.newaxis]
             if train:
                 img = tf.clip_by_value(aug(img, training=True), 0.0, 1.0)
             return img, label

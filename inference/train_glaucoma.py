@@ -4,7 +4,8 @@
 
 1. labels.csv (``path``, ``label`` glaucoma / normal), every photograph located (:mod:`inference.fundus`);
 2. one stratified, seeded 80/20 train/validation split (:func:`inference.train.split_indices`);
-3. the network of :mod:`inference.models.glaucoma` trained on the train split, disc crops jittered per epoch;
+3. :data:`MEMBERS` networks of :mod:`inference.models.glaucoma` (seeds seed, seed + 1, ...) trained on the
+   train split, disc crops jittered per epoch, joined into one network averaging their logits;
 4. temperature scaling fitted on the validation logits and folded into the last Dense layer (weights / T),
    so the shipped network outputs calibrated probabilities; the Youden threshold on those;
 5. gate statistics (:mod:`inference.gate_fundus`) from the train split; validation false rejections, the
@@ -50,8 +51,13 @@ from inference.train import (
 
 logger = logging.getLogger(__name__)
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 DEFAULT_EPOCHS = 30
+#: Networks averaged (seeds seed, seed + 1, ...); 1.0.0 was one network.
+MEMBERS = 3
+DOMAIN_EPOCHS = 8
+#: Folds for the out-of-fold distances behind the embedding gate's bound (:func:`embedding_stats`).
+OOF_FOLDS = 5
 POSITIVE = {"glaucoma", "rg", "1", "referable"}
 NEGATIVE = {"normal", "non-glaucoma", "nrg", "0"}
 
@@ -105,7 +111,8 @@ def fold_temperature(model: Any, temperature: float) -> None:
 
 
 def embedding_stats(model: Any, crops: np.ndarray, percentile: float = 99.5) -> EmbeddingStats:
-    """Mean and precision of the ``"features"`` embedding of training crops; bound at ``percentile``."""
+    """Mean and precision of the ``"features"`` embedding of training crops; bound at ``percentile`` of the
+    out-of-fold distances."""
     import keras
 
     from inference.gate import fit_feature_stats
@@ -114,10 +121,67 @@ def embedding_stats(model: Any, crops: np.ndarray, percentile: float = 99.5) -> 
     feats = np.concatenate(
         [np.asarray(embed(crops[i : i + 64], training=False)) for i in range(0, len(crops), 64)]
     )
-    centre, precision = fit_feature_stats(feats.astype(np.float64))
-    stats = EmbeddingStats(centre, precision, 0.0)
-    bound = float(np.percentile([stats.distance(f) for f in feats], percentile))
-    return replace(stats, distance_max=bound)
+    feats = feats.astype(np.float64)
+    centre, precision = fit_feature_stats(feats)
+    # The bound comes from out-of-fold distances: a crop's distance to statistics fitted without it. Distances
+    # of the fitting crops themselves run low (288 dimensions, 456 crops) and would reject new in-domain eyes.
+    out_of_fold = np.zeros(len(feats))
+    for k in range(OOF_FOLDS):
+        held = np.arange(len(feats)) % OOF_FOLDS == k
+        stats_k = EmbeddingStats(*fit_feature_stats(feats[~held]), 0.0)
+        out_of_fold[held] = [stats_k.distance(f) for f in feats[held]]
+    return EmbeddingStats(centre, precision, float(np.percentile(out_of_fold, percentile)))
+
+
+def fit_fundus_domain(
+    images: list[np.ndarray],
+    locations: list[DiscLocation],
+    tr: np.ndarray,
+    va: np.ndarray,
+    config: TrainConfig,
+) -> Any:
+    """The fundus domain classifier (:mod:`inference.domain_gate`): photographs and disc crops vs seeded
+    colour noise, pages and synthetic scenes (seeds 101 and 102; the card's probes use seed 0)."""
+    from inference.domain_gate import DOMAIN_SIZE, FUNDUS_SUBJECT, fit_domain_gate
+    from inference.gate import MEASURE_SIDE
+    from inference.glaucoma_report import synthetic_ood
+    from inference.models.glaucoma import colour_jitter
+    from inference.preprocess import load_dicom_image
+
+    rng = np.random.default_rng(config.seed)
+
+    def positives(indices: np.ndarray, scales: tuple[float, ...], jitter: bool) -> list[np.ndarray]:
+        out = []
+        for i in indices:
+            im, loc = images[i], locations[i]
+            out.append(im)
+            for scale in scales:
+                crop = crop_at(im, loc.cx, loc.cy, loc.crop_side * scale, DOMAIN_SIZE)
+                out.append(colour_jitter(crop, rng) if jitter else crop)
+        return out
+
+    def negatives(seed: int, n: int) -> list[np.ndarray]:
+        return [im for group in synthetic_ood(seed=seed, n=n).values() for im in group]
+
+    shared_fundus = Path(config.data).parent.parent / "dicom" / "sc_fundus_j2k.dcm"
+    must_pass = []
+    if shared_fundus.is_file():
+        from inference.bundle import reduce_image
+
+        must_pass.append(reduce_image(load_dicom_image(shared_fundus), MEASURE_SIDE))
+    fit = fit_domain_gate(
+        positives(tr, (0.7, 1.0, 1.5), True),
+        positives(va, (1.0,), False),
+        negatives(101, 150),
+        negatives(102, 40),
+        seed=config.seed,
+        epochs=min(DOMAIN_EPOCHS, config.epochs or DOMAIN_EPOCHS),
+        channels=3,
+        subject=FUNDUS_SUBJECT,
+        must_pass=must_pass,
+    )
+    logger.info("fundus domain classifier: %s", fit.summary())
+    return fit
 
 
 def _reused(config: TrainConfig) -> Any:
@@ -145,8 +209,9 @@ def _without_optimizer(model: Any) -> Any:
 def train(config: TrainConfig) -> Path:
     """Train, calibrate, gate and write the bundle and card; returns the bundle folder."""
     from inference.bundle import TFLITE_FILE, write_bundle
+    from inference.domain_gate import export as export_domain
     from inference.glaucoma_card import write_glaucoma_card
-    from inference.models.glaucoma import INPUT_SIZE, fit, predict_crops
+    from inference.models.glaucoma import INPUT_SIZE, ensemble_network, fit, predict_crops
     from inference.train import export_tflite
 
     setup_tensorflow(config.seed, config.threads)
@@ -161,15 +226,33 @@ def train(config: TrainConfig) -> Path:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in logs.items())
         print(f"epoch {epoch + 1}/{epochs}: {shown} ({time.monotonic() - started:.0f} s)", flush=True)
 
+    def member(k: int) -> Any:
+        """Member k (seed + k); loaded from ``extra["members_dir"]`` when saved there by an earlier run."""
+        import keras
+
+        cache = config.extra.get("members_dir")
+        path = Path(cache) / f"member{k}.keras" if cache else None
+        if path is not None and path.is_file():
+            logger.info("member %d loaded from %s", k, path)
+            return keras.models.load_model(path, compile=False)
+        net = fit(
+            [images[i] for i in tr],
+            [locations[i] for i in tr],
+            y[tr],
+            seed=config.seed + k,
+            epochs=epochs,
+            progress=progress,
+        )
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _without_optimizer(net).save(path)
+        return net
+
+    members = int(config.extra.get("members", MEMBERS))
     model = _reused(config) if config.extra.get("reuse") else None
-    model = model or fit(
-        [images[i] for i in tr],
-        [locations[i] for i in tr],
-        y[tr],
-        seed=config.seed,
-        epochs=epochs,
-        progress=progress,
-    )
+    if model is None:
+        nets = [member(k) for k in range(members)]
+        model = nets[0] if members == 1 else ensemble_network(nets)
 
     val_crops = crops_for([images[i] for i in va], [locations[i] for i in va], INPUT_SIZE)
     raw = predict_crops(model, val_crops)
@@ -184,16 +267,26 @@ def train(config: TrainConfig) -> Path:
     gate = fit_gate([(images[i], locations[i]) for i in tr], train_crops, INPUT_SIZE)
     gate = replace(gate, embedding=embedding_stats(model, np.stack(train_crops)))
 
+    domain = fit_fundus_domain(images, locations, tr, va, config)
     out = Path(config.out_dir)
     meta = metadata(threshold) | {
-        "training": {"seed": config.seed, "epochs": epochs, "temperature": temperature}
+        "domain_gate": domain.spec.as_dict(),
+        "training": {
+            "seed": config.seed,
+            "epochs": epochs,
+            "members": members,
+            "temperature": temperature,
+            "domain_gate": domain.summary(),
+        },
     }
     write_bundle(out, _without_optimizer(model), meta)
     export_tflite(model, out / TFLITE_FILE)  # serves the probabilities; Keras draws the heatmaps
     gate.save(out / GATE_FILE)
+    export_domain(domain.net, out / domain.spec.file)
     summary: dict[str, Any] = {
         "seed": config.seed,
         "epochs": epochs,
+        "members": members,
         "n_train": len(tr),
         "n_val": len(va),
         "temperature": temperature,

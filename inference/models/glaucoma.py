@@ -32,19 +32,52 @@ def build_network(size: int = INPUT_SIZE, widths: Sequence[int] = WIDTHS, dropou
 
     inputs = keras.Input((size, size, 3), name="disc")
     x = keras.layers.LayerNormalization(axis=(1, 2), center=False, scale=False, name="standardise")(inputs)
-    for i, width in enumerate(widths):
-        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}a")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}a")(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}b")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}b")(x)
-        x = keras.layers.ReLU(name=f"relu{i}b")(x)
-        if i < len(widths) - 1:
-            x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    x = _trunk(x, widths, "")
     x = keras.layers.Dropout(dropout)(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="glaucoma")(x)
     return keras.Model(inputs, outputs, name="glaucoma_disc_cnn")
+
+
+def _trunk(x: Any, widths: Sequence[int], prefix: str) -> Any:
+    import keras
+
+    for i, width in enumerate(widths):
+        for half in "ab":
+            name = f"{prefix}conv{i}{half}"
+            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=name)(x)
+            x = keras.layers.BatchNormalization(name=f"{prefix}bn{i}{half}")(x)
+            x = keras.layers.ReLU(name=f"{prefix}relu{i}{half}")(x)
+        if i < len(widths) - 1:
+            x = keras.layers.MaxPooling2D(name=f"{prefix}pool{i}")(x)
+    return keras.layers.GlobalAveragePooling2D(name=f"{prefix}features")(x)
+
+
+def ensemble_network(members: Sequence[Any], size: int = INPUT_SIZE, widths: Sequence[int] = WIDTHS) -> Any:
+    """One network that averages the logits of trained ``members`` (each from :func:`build_network`).
+
+    The members' trunks are copied side by side (layers ``m<k>_...``) behind the shared, parameter-free
+    standardisation; ``"features"`` concatenates their pooled embeddings and the ``"glaucoma"`` unit holds
+    their output weights divided by the number of members, so its logit is the mean of the members' logits
+    (temperature folding, the embedding gate and TFLite export work as for one network). The last top-level
+    convolution, which Grad-CAM explains, is the last member's.
+    """
+    import keras
+
+    inputs = keras.Input((size, size, 3), name="disc")
+    x = keras.layers.LayerNormalization(axis=(1, 2), center=False, scale=False, name="standardise")(inputs)
+    pooled = [_trunk(x, widths, f"m{k}_") for k in range(len(members))]
+    features = keras.layers.Concatenate(name="features")(pooled)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="glaucoma")(features)
+    model = keras.Model(inputs, outputs, name=f"glaucoma_disc_cnn_x{len(members)}")
+    for k, member in enumerate(members):
+        for layer in member.layers:
+            if layer.weights and layer.name != "glaucoma":
+                model.get_layer(f"m{k}_{layer.name}").set_weights(layer.get_weights())
+    heads = [member.get_layer("glaucoma").get_weights() for member in members]
+    kernel = np.concatenate([w for w, _ in heads], axis=0) / len(members)
+    bias = np.mean([b for _, b in heads], axis=0)
+    model.get_layer("glaucoma").set_weights([kernel, bias])
+    return model
 
 
 def augmented_crop(

@@ -7,6 +7,7 @@ import pytest
 
 from inference.base import assess
 from inference.bundle import BundleError, BundleMetadata, KerasBundleModel
+from inference.domain_gate import CHEST_SUBJECT
 from inference.preprocess import load_dicom_image
 from inference.registry import ModelRegistry
 from tests.inference.conftest import shared_dicom
@@ -33,6 +34,13 @@ def test_metadata_validation() -> None:
     meta = tiny_metadata("pneumonia")
     parsed = BundleMetadata.from_dict(meta)
     assert [o.finding for o in parsed.outputs] == ["pneumonia", "bacterial_pneumonia", "viral_pneumonia"]
+    assert parsed.domain_gate is None
+    spec = {"file": "domain_gate.tflite", "input_size": 64, "min_score": 0.25}
+    gray = BundleMetadata.from_dict({**meta, "domain_gate": spec}).domain_gate
+    assert gray is not None and gray.as_dict() == {**spec, "channels": 1, "subject": CHEST_SUBJECT}
+    rgb = BundleMetadata.from_dict({**meta, "domain_gate": {**spec, "channels": 3, "subject": "fundus"}})
+    assert rgb.domain_gate is not None
+    assert (rgb.domain_gate.channels, rgb.domain_gate.subject) == (3, "fundus")
     for broken in (
         {**meta, "channels": 2},
         {**meta, "kind": "knee"},
@@ -41,6 +49,10 @@ def test_metadata_validation() -> None:
         {**meta, "outputs": [{"finding": "pneumonia", "index": 0}]},
         {**meta, "gate": {"nonsense": 1}},
         {k: v for k, v in meta.items() if k != "version"},
+        {**meta, "domain_gate": {"file": "../outside.tflite", "input_size": 64, "min_score": 0.1}},
+        {**meta, "domain_gate": {"file": "d.tflite", "input_size": 64, "min_score": 1.5}},
+        {**meta, "domain_gate": {"file": "d.tflite", "min_score": 0.1}},
+        {**meta, "domain_gate": {"file": "d.tflite", "input_size": 64, "min_score": 0.1, "channels": 2}},
     ):
         with pytest.raises(BundleError):
             BundleMetadata.from_dict(broken)

@@ -16,7 +16,7 @@ from core.domain import InstanceRef
 from inference.base import assess, run_model
 from inference.bundle import KerasBundleModel
 from inference.chest_card import VERSIONS
-from inference.outliers import document
+from inference.outliers import document, probe_images
 from inference.preprocess import load_dicom_image
 from inference.registry import SHIPPED_DIR, ModelRegistry
 from reporting.codes import FINDING_CODES
@@ -53,7 +53,7 @@ def refs() -> list[InstanceRef]:
 def test_bundle_ships_in_the_package_and_is_small(name: str, shipped: dict[str, KerasBundleModel]) -> None:
     model = shipped[name]
     assert model.path == SHIPPED_DIR / name
-    for file in ("model.keras", "model.json", "model.tflite", "gate_stats.npz"):
+    for file in ("model.keras", "model.json", "model.tflite", "gate_stats.npz", "domain_gate.tflite"):
         size = (model.path / file).stat().st_size
         assert 0 < size < 5_000_000, f"{file}: {size} bytes"
     assert model.info.version == VERSIONS[name] and model.modality_kind == "chest"
@@ -66,15 +66,26 @@ def test_real_dicom_files_through_the_pipeline(
     name: str, shipped: dict[str, KerasBundleModel], refs: list[InstanceRef]
 ) -> None:
     results = {r.instance.path.name: r for r in run_model(shipped[name], refs, with_heatmap=True)}
-    for chest in ("dx_chest_small.dcm", "cr_chest_jpegls.dcm"):
-        r = results[chest]
-        assert r.assessable, r.reason
-        assert r.findings and all(0.0 <= f.probability <= 1.0 for f in r.findings)
-        assert r.heatmap is not None and r.heatmap.shape == load_dicom_image(DICOM_DIR / chest).shape[:2]
-    for other in ("cr_hip_rle.dcm", "sc_fundus_j2k.dcm"):
+    r = results["cr_chest_jpegls.dcm"]  # a real PA chest CR of another vendor
+    assert r.assessable, r.reason
+    assert r.findings and all(0.0 <= f.probability <= 1.0 for f in r.findings)
+    assert r.heatmap is not None and r.heatmap.shape == load_dicom_image(r.instance.path).shape[:2]
+    # The hip, the fundus photograph and the lateral chest view (the models read frontal views only).
+    for other in ("cr_hip_rle.dcm", "sc_fundus_j2k.dcm", "dx_chest_small.dcm"):
         r = results[other]
         assert not r.assessable and r.findings == () and r.reason is not None
         assert r.reason.startswith("not assessable: ")
+    assert "frontal chest radiograph" in str(results["dx_chest_small.dcm"].reason)
+
+
+@pytest.mark.parametrize("name", CHEST)
+def test_gate_refuses_every_out_of_domain_probe(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+    """Hip CR crops, drawn knees, pages, noise, gradients, fundus photographs (seeded, unlike the card's)."""
+    probes = probe_images(DICOM_DIR.parent, seed=3)
+    assert "crops of the hip CR" in probes and "fundus photo, gray" in probes
+    for kind, images in probes.items():
+        passed = [a for a in assess(shipped[name], images) if a.assessable]
+        assert not passed, f"{name}: {len(passed)} of {len(images)} {kind} images passed the gate"
 
 
 @pytest.mark.parametrize("name", CHEST)
@@ -127,10 +138,8 @@ def test_gateway_predict_json_with_shipped_models(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     keys = {"file", "model", "version", "assessable", "reason", "findings"}
     assert all(set(r) == keys for r in rows)
-    chest = [r for r in rows if Path(r["file"]).name != "cr_hip_rle.dcm"]
-    assert sorted((Path(r["file"]).name, r["model"]) for r in chest) == sorted(
-        (Path(f).name, m) for f in files[:2] for m in CHEST
-    )
+    chest = [r for r in rows if Path(r["file"]).name == "cr_chest_jpegls.dcm"]
+    assert sorted(r["model"] for r in chest) == sorted(CHEST)
     for r in chest:
         assert r["assessable"] and r["version"] == VERSIONS[r["model"]]
         for f in r["findings"]:
@@ -140,3 +149,6 @@ def test_gateway_predict_json_with_shipped_models(tmp_path: Path) -> None:
             }
     [hip] = [r for r in rows if Path(r["file"]).name == "cr_hip_rle.dcm"]
     assert not hip["assessable"] and hip["findings"] == []
+    lateral = [r for r in rows if Path(r["file"]).name == "dx_chest_small.dcm"]
+    assert sorted(r["model"] for r in lateral) == sorted(CHEST)
+    assert all(not r["assessable"] and r["findings"] == [] and r["reason"] for r in lateral)

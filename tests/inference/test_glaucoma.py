@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from core.domain import InstanceRef
-from inference.base import run_model
+from inference.base import assess, run_model
 from inference.bundle import KerasBundleModel
 from inference.fundus import crop_disc, input_kind, locate_disc, place_on_image
 from inference.preprocess import load_image_file
@@ -168,9 +168,15 @@ def test_training_recipe_end_to_end_on_a_tiny_dataset(tmp_path: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     config = TrainConfig(
-        data=data, out_dir=tmp_path / "bundle", card_path=tmp_path / "card" / "glaucoma.md", epochs=1
+        data=data,
+        out_dir=tmp_path / "bundle",
+        card_path=tmp_path / "card" / "glaucoma.md",
+        epochs=1,
+        extra={"members": 2, "members_dir": tmp_path / "members"},
     )
     bundle = get_recipe("glaucoma").train(config)
+    assert json.loads((bundle / "model.json").read_text())["training"]["members"] == 2
+    assert sorted(p.name for p in (tmp_path / "members").iterdir()) == ["member0.keras", "member1.keras"]
     model = KerasBundleModel(bundle)
     assert model.metadata.preprocess == "fundus-disc"
     image = cv2.cvtColor(_fake_fundus(rng, True), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
@@ -179,3 +185,30 @@ def test_training_recipe_end_to_end_on_a_tiny_dataset(tmp_path: Path) -> None:
     card = (tmp_path / "card" / "glaucoma.md").read_text()
     assert "Research use only" in card and "Youden" in card
     assert (tmp_path / "card" / "glaucoma_roc.png").is_file()
+
+
+def test_ensemble_network_averages_the_members_logits() -> None:
+    import keras
+
+    from inference.evaluate import logit
+    from inference.models.glaucoma import build_network, ensemble_network, predict_crops
+
+    members = []
+    for seed in (1, 2, 3):
+        keras.utils.set_random_seed(seed)
+        members.append(build_network(size=32, widths=(4, 8)))
+    ensemble = ensemble_network(members, size=32, widths=(4, 8))
+    x = np.random.default_rng(0).random((5, 32, 32, 3)).astype(np.float32)
+    expected = np.mean([logit(predict_crops(m, x)) for m in members], axis=0)
+    assert np.allclose(logit(predict_crops(ensemble, x)), expected, atol=1e-4)
+    assert ensemble.get_layer("features").output.shape[-1] == 3 * 8
+
+
+def test_gate_refuses_every_synthetic_out_of_domain_probe(glaucoma: KerasBundleModel) -> None:
+    """Colour noise, pages and photo-like scenes of another seed than the model card's: none may pass."""
+    from inference.glaucoma_report import synthetic_ood
+
+    assert glaucoma.metadata.domain_gate is not None and glaucoma.metadata.domain_gate.channels == 3
+    for kind, images in synthetic_ood(seed=5, n=20).items():
+        passed = [a for a in assess(glaucoma, images) if a.assessable]
+        assert not passed, f"{len(passed)} of {len(images)} {kind} passed the glaucoma gate"

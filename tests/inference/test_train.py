@@ -92,10 +92,11 @@ def trained(tiny_pneumonia_data: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_train_pneumonia_end_to_end(trained: Path, tiny_pneumonia_data: Path) -> None:
-    assert {"model.json", "model.keras", "model.tflite", "gate_stats.npz"} <= {
+    assert {"model.json", "model.keras", "model.tflite", "gate_stats.npz", "domain_gate.tflite"} <= {
         p.name for p in trained.iterdir()
     }
     meta = json.loads((trained / "model.json").read_text())
+    assert meta["domain_gate"]["file"] == "domain_gate.tflite" and 0 <= meta["domain_gate"]["min_score"] < 1
     assert meta["training"]["seed"] == 5 and meta["training"]["epochs_run"] == 1
     assert [o["finding"] for o in meta["outputs"]] == ["pneumonia", "bacterial_pneumonia", "viral_pneumonia"]
     card = (trained / "pneumonia.md").read_text()

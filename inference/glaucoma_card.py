@@ -140,8 +140,9 @@ def write_glaucoma_card(
             metrics[f"AUC, external {k}, gated ({s['n'] - s['rejected']} of {s['n']} accepted)"] = s["auc"]
     metrics["optic disc centre inside the true disc (fundus-disc-samples)"] = loc["disc_hit"]
     design = (
-        f"Whole image vs disc crop vs both, and the number of epochs, were chosen by cross-validation on the "
-        f"570 images before this run: see [{DESIGN_NOTES.name}]({DESIGN_NOTES.name})."
+        f"Whole image vs disc crop vs both, the number of epochs and the three-network average (1.1.0) were "
+        f"chosen by cross-validation on the 570 images before this run: see "
+        f"[{DESIGN_NOTES.name}]({DESIGN_NOTES.name})."
     )
     path = write_card(
         Path(card_path),
@@ -164,7 +165,8 @@ def write_glaucoma_card(
             "Speed": (
                 f"Median {ms:.1f} ms (fastest {fastest:.1f} ms) per 512 px photograph at batch 1, decoded "
                 "pixels to findings (rule "
-                "gate, kind detection, disc localisation, SSIM and Mahalanobis gate, TFLite network), on "
+                "gate, kind detection, disc localisation, SSIM, Mahalanobis and domain-classifier gate, "
+                "TFLite network), on "
                 "this machine's 2 CPU cores while other training jobs ran; `bench/inference.py` compares "
                 "with VGG19."
             ),

@@ -29,7 +29,7 @@ def _notify(study_id):
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             response.read()
     except Exception as exc:  # the reconciler catches up; never disturb Orthanc
-        orthanc.LogWarning("screening-gateway: webhook for study %s failed (%s)" % (study_id, exc))
+        orthanc.LogWarning(f"screening-gateway: webhook for study {study_id} failed ({exc})")
 
 
 def OnChange(change_type, level, resource_id):

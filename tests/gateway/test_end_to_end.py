@@ -17,6 +17,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from tests import factories as f
@@ -38,13 +39,22 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
-def _received_srs(folder: Path) -> dict[str, pydicom.Dataset]:
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _received_srs(folder: Path, prefix: str = SR_PREFIX) -> dict[str, pydicom.Dataset]:
+    """Complete objects of a SOP class (prefix) the PACS stored; a file storescp is still writing is skipped
+    until a later poll."""
     out = {}
     for path in folder.glob("*"):
         if path.is_file():
-            ds = pydicom.dcmread(path)
-            if str(ds.SOPClassUID).startswith(SR_PREFIX):
-                out[str(ds.SOPInstanceUID)] = ds
+            try:
+                ds = pydicom.dcmread(path)
+                sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+            except (InvalidDicomError, EOFError, OSError, AttributeError, ValueError):
+                continue
+            if sop_class.startswith(prefix):
+                out[sop_instance] = ds
     return out
 
 
@@ -149,6 +159,8 @@ def test_vendor_files_become_valid_reports_at_the_pacs(env: dict[str, Any]) -> N
         f"{want} SRs at the PACS", lambda: (r := _received_srs(env["pacs"])) and len(r) >= want and r
     )
     assert len(received) == want
+    # Each Secondary Capture is sent after its SR: wait for those too before reading the folder.
+    wait_for(f"{want} SCs at the PACS", lambda: len(_received_srs(env["pacs"], SC_CLASS)) >= want)
     for name, models in expected.items():
         src = sources[name]
         mine = [ds for ds in received.values() if ds.StudyInstanceUID == src.StudyInstanceUID]
@@ -166,7 +178,7 @@ def test_vendor_files_become_valid_reports_at_the_pacs(env: dict[str, Any]) -> N
     captures = [
         pydicom.dcmread(p)
         for p in env["pacs"].iterdir()
-        if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == SC_CLASS
     ]
     assert len(captures) == want
     for sc in captures:

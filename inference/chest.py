@@ -3,9 +3,9 @@
 ``pneumonia`` (chest-xray-pneumonia, split grouped by ``patient_key``): the network outputs three columns,
 P(pneumonia), P(bacterial | pneumonia), P(viral | pneumonia) (sigmoid + a 2-way softmax trained only on
 pneumonia images). ``covid19`` (covid19-radiography, stratified split): a 3-way softmax normal / covid19 /
-viral_pneumonia. Gray input (128 px pneumonia, 160 px covid19), the small CNN of
-:func:`inference.train.build_backbone`,
-temperature scaling and thresholds fitted on validation, an SSIM + Mahalanobis input gate
+viral_pneumonia, the average of two networks trained at 128 and 160 px (:func:`combine_covid`). Gray input
+(128 px pneumonia, 160 px covid19), the small CNN of :func:`inference.train.build_backbone`, temperature
+scaling and thresholds fitted on validation, an SSIM + Mahalanobis + domain-classifier input gate
 (:mod:`inference.chest_card` computes the figures and writes bundle and card).
 """
 
@@ -22,8 +22,11 @@ from inference import train as T
 
 logger = logging.getLogger(__name__)
 
-#: Input size per model (covid19 1.2.0: 160 px).
+#: Input size per bundle (covid19: 160 px).
 SIZES = {"pneumonia": 128, "covid19": 160}
+#: covid19 (1.3.0) averages the softmax of two networks trained alike at these input sizes (the 1.1.0 and
+#: 1.2.0 recipes); the bundle takes the largest and resizes inside the graph for the others.
+COVID_MEMBER_SIZES = (128, 160)
 WIDTH = 32
 VAL_FRACTION = 0.2
 EPOCHS = {"pneumonia": 14, "covid19": 20}  # covid19 1.1.0: 20 epochs beat 14 on validation (0.952 vs 0.944)
@@ -44,11 +47,12 @@ def load_pneumonia(data: Path) -> tuple[list[dict[str, str]], np.ndarray, np.nda
     return rows, x, y
 
 
-def load_covid(data: Path) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
-    """Rows, uint8 images and class indices (0 normal, 1 covid19, 2 viral_pneumonia)."""
+def load_covid(data: Path, size: int | None = None) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
+    """Rows, uint8 images (``size``, default the bundle's input) and class indices (0 normal, 1 covid19,
+    2 viral_pneumonia)."""
     csv_path = T.labels_csv(data)
     rows = T.read_labels(csv_path)
-    x = T.load_images(csv_path.parent, [r["path"] for r in rows], SIZES["covid19"])
+    x = T.load_images(csv_path.parent, [r["path"] for r in rows], size or SIZES["covid19"])
     y = np.array([COVID_CLASSES.index(r["label"]) for r in rows], dtype=np.int64)
     return rows, x, y
 
@@ -86,11 +90,11 @@ def build_pneumonia_net(seed: int) -> Any:
     return keras.Model(inputs, outputs, name="pneumonia_cnn")
 
 
-def build_covid_net(seed: int) -> Any:
+def build_covid_net(seed: int, size: int | None = None) -> Any:
     import keras
     from keras import layers
 
-    inputs, features = T.build_backbone(SIZES["covid19"], 1, WIDTH)
+    inputs, features = T.build_backbone(size or SIZES["covid19"], 1, WIDTH)
     x = layers.Dropout(0.2, seed=seed)(features)
     outputs = layers.Dense(len(COVID_CLASSES), activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="covid19_cnn")
@@ -136,29 +140,87 @@ def train_pneumonia(config: T.TrainConfig) -> Path:
 
 
 def train_covid19(config: T.TrainConfig) -> Path:
-    """Train ``covid19`` and write its bundle and card (see module docstring)."""
-    import keras
+    """Train ``covid19`` (one network per :data:`COVID_MEMBER_SIZES`, averaged) and write its bundle and card.
 
+    With ``extra["reuse"]`` the bundle's network is loaded instead; with ``extra["members_dir"]`` a member
+    saved there as ``covid19_<size>.keras`` by an earlier run is loaded instead of trained.
+    """
     rows, x, y = load_covid(config.data)
     tr, va = covid_split(y, config.seed)
     logger.info("covid19: %d train, %d validation images", len(tr), len(va))
-    onehot = np.eye(len(COVID_CLASSES), dtype=np.float32)[y]
-    net, history = _fit_or_load(
-        config,
-        "covid19",
-        build_covid_net,
-        {
-            "x_train": x[tr],
-            "y_train": onehot[tr],
-            "x_val": x[va],
-            "y_val": onehot[va],
-            "loss": keras.losses.CategoricalCrossentropy(),
-            "metrics": ["accuracy"],
-        },
-    )
+    existing = config.out_dir / "model.keras"
+    if config.extra.get("reuse") and existing.is_file():
+        net, history = _fit_or_load(config, "covid19", build_covid_net, {})
+    else:
+        T.setup_tensorflow(config.seed, config.threads)
+        members, history = [], {}
+        for size in COVID_MEMBER_SIZES:
+            member, member_history = _covid_member(config, size)
+            members.append(member)
+            history.update({f"{k} ({size} px)": v for k, v in member_history.items()})
+        net = combine_covid(members) if len(members) > 1 else members[0]
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+        net.save(existing)
+        (config.out_dir / "history.json").write_text(json.dumps(history), encoding="utf-8")
     from inference import chest_card
 
     return chest_card.finish_covid19(config, net, history, rows, x, y, tr, va)
+
+
+def _covid_member(config: T.TrainConfig, size: int) -> tuple[Any, dict]:
+    """One covid19 network at ``size`` px: trained (seeded), or loaded from ``extra["members_dir"]``."""
+    import keras
+
+    cache = config.extra.get("members_dir")
+    path = Path(cache) / f"covid19_{size}.keras" if cache else None
+    if path is not None and path.is_file():
+        logger.info("covid19 member %d px loaded from %s", size, path)
+        saved = path.with_suffix(".history.json")
+        history = json.loads(saved.read_text()) if saved.is_file() else {}
+        return keras.models.load_model(path, compile=False), history
+    _, x, y = load_covid(config.data, size)
+    tr, va = covid_split(y, config.seed)
+    onehot = np.eye(len(COVID_CLASSES), dtype=np.float32)[y]
+    keras.utils.set_random_seed(config.seed)
+    net = build_covid_net(config.seed, size)
+    history = T.fit(
+        net,
+        x[tr],
+        onehot[tr],
+        x[va],
+        onehot[va],
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=["accuracy"],
+        epochs=config.epochs or EPOCHS["covid19"],
+        seed=config.seed,
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        net.save(path)
+        path.with_suffix(".history.json").write_text(json.dumps(history), encoding="utf-8")
+    return net, history
+
+
+def combine_covid(members: list[Any]) -> Any:
+    """One network averaging the members' softmax outputs; input: the largest member's.
+
+    The largest member's layers stay top-level (the gate's embedding layers and the Grad-CAM convolution are
+    its own); each smaller member is nested as ``member_<size>`` behind a bilinear resize of the input.
+    """
+    import keras
+    from keras import layers
+
+    members = sorted(members, key=lambda m: int(m.input_shape[1]))
+    main = members[-1]
+    size = int(main.input_shape[1])
+    outputs = [main.output]
+    for member in members[:-1]:
+        s = int(member.input_shape[1])
+        wrapped = keras.Model(member.inputs, member.output, name=f"member_{s}")
+        small = layers.Resizing(s, s, interpolation="bilinear", name=f"resize_{s}")(main.inputs[0])
+        outputs.append(wrapped(small))
+    averaged = layers.Average(name="probabilities_mean")(outputs)
+    return keras.Model(main.inputs, averaged, name=f"covid19_cnn_x{len(members)}_{size}")
 
 
 def _evaluate(name: str) -> T.EvaluateFn:

@@ -32,7 +32,7 @@ from inference.preprocess import load_any, load_dicom_image, to_model_input
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever a model's weights or gate change: every SR names the version, and its UID depends on it.
-VERSIONS = {"pneumonia": "1.0.1", "covid19": "1.2.0"}
+VERSIONS = {"pneumonia": "1.0.1", "covid19": "1.3.0"}
 GATE_FILE = "gate_stats.npz"
 REFERENCE_SIZE = 64
 #: SSIM bound: half the SSIM of the 0.5th percentile of validation radiographs. The SSIM of an input with
@@ -409,7 +409,11 @@ def _training_record(
         "split": "StratifiedGroupKFold by patient_key" if grouped else "StratifiedKFold",
         "n_train": n_train,
         "n_val": n_val,
-        "epochs_run": len(history.get("loss", [])),
+        "epochs_run": (
+            len(history["loss"])
+            if "loss" in history
+            else ", ".join(f"{len(v)} ({k[6:-1]})" for k, v in history.items() if k.startswith("loss ("))
+        ),
         "input_size": size,
         "width": WIDTH,
         "history": history,

@@ -121,3 +121,21 @@ def test_gateway_evaluate_prints_metrics(trained: Path, tiny_pneumonia_data: Pat
     assert result["model"] == "pneumonia" and result["n"] == 40
     assert result["assessable"] + len(result["rejected"]) == 40
     assert gateway("evaluate", "knee", "--data", str(tiny_pneumonia_data)).returncode == 2
+
+
+def test_combine_covid_averages_the_members() -> None:
+    """The covid19 bundle network: mean of the members' softmax, the smaller member fed a resized input."""
+    import keras
+    import tensorflow as tf
+
+    from inference.chest import build_covid_net, combine_covid
+
+    keras.utils.set_random_seed(3)
+    small, large = build_covid_net(3, 32), build_covid_net(4, 40)
+    combined = combine_covid([large, small])
+    assert combined.input_shape[1] == 40
+    assert combined.get_layer("last_conv") is large.get_layer("last_conv")  # Grad-CAM and gate: the large one
+    x = np.random.default_rng(0).random((3, 40, 40, 1)).astype(np.float32)
+    resized = tf.image.resize(x, (32, 32), method="bilinear")
+    expected = (np.asarray(large(x, training=False)) + np.asarray(small(resized, training=False))) / 2
+    np.testing.assert_allclose(np.asarray(combined(x, training=False)), expected, atol=1e-5)

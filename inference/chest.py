@@ -169,36 +169,29 @@ def train_covid19(config: T.TrainConfig) -> Path:
 
 def _covid_member(config: T.TrainConfig, size: int) -> tuple[Any, dict]:
     """One covid19 network at ``size`` px: trained (seeded), or loaded from ``extra["members_dir"]``."""
-    import keras
 
-    cache = config.extra.get("members_dir")
-    path = Path(cache) / f"covid19_{size}.keras" if cache else None
-    if path is not None and path.is_file():
-        logger.info("covid19 member %d px loaded from %s", size, path)
-        saved = path.with_suffix(".history.json")
-        history = json.loads(saved.read_text()) if saved.is_file() else {}
-        return keras.models.load_model(path, compile=False), history
-    _, x, y = load_covid(config.data, size)
-    tr, va = covid_split(y, config.seed)
-    onehot = np.eye(len(COVID_CLASSES), dtype=np.float32)[y]
-    keras.utils.set_random_seed(config.seed)
-    net = build_covid_net(config.seed, size)
-    history = T.fit(
-        net,
-        x[tr],
-        onehot[tr],
-        x[va],
-        onehot[va],
-        loss=keras.losses.CategoricalCrossentropy(),
-        metrics=["accuracy"],
-        epochs=config.epochs or EPOCHS["covid19"],
-        seed=config.seed,
-    )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        net.save(path)
-        path.with_suffix(".history.json").write_text(json.dumps(history), encoding="utf-8")
-    return net, history
+    def train() -> tuple[Any, dict]:
+        import keras
+
+        _, x, y = load_covid(config.data, size)
+        tr, va = covid_split(y, config.seed)
+        onehot = np.eye(len(COVID_CLASSES), dtype=np.float32)[y]
+        keras.utils.set_random_seed(config.seed)
+        net = build_covid_net(config.seed, size)
+        history = T.fit(
+            net,
+            x[tr],
+            onehot[tr],
+            x[va],
+            onehot[va],
+            loss=keras.losses.CategoricalCrossentropy(),
+            metrics=["accuracy"],
+            epochs=config.epochs or EPOCHS["covid19"],
+            seed=config.seed,
+        )
+        return net, history
+
+    return T.cached_network(config.extra.get("members_dir"), f"covid19_{size}", train)
 
 
 def combine_covid(members: list[Any]) -> Any:

@@ -17,7 +17,7 @@ from inference import evaluate as E
 from inference import train as T
 from inference.bundle import reduce_image
 from inference.chest import COVID_CLASSES, VAL_FRACTION, WIDTH
-from inference.domain_gate import DomainFit, export, fit_domain_gate, partial_views
+from inference.domain_gate import DomainFit, epochs_for, export, fit_domain_gate, partial_views
 from inference.gate import (
     FeatureGate,
     fit_classifier,
@@ -49,7 +49,6 @@ LATERAL_CHEST_DICOM = "dx_chest_small.dcm"
 GATE_LAYERS = ("b1a_relu", "b2b_relu", "b3b_relu", "last_conv_relu")
 #: Per synthetic kind, negatives for the domain classifier (6 kinds, plus gray fundus photographs and crops).
 DOMAIN_NEGATIVES = 120
-DOMAIN_EPOCHS = 8
 #: Data folder -> the other chest data set whose images also define "a chest radiograph" for the gate.
 SIBLING_DATA = {
     "chest-xray-pneumonia": "covid19-radiography",
@@ -350,7 +349,7 @@ def _fit_domain(config: T.TrainConfig, x_tr: np.ndarray, x_va: np.ndarray) -> Do
         [negatives[i] for i in order[:cut]] + partial_views(x_tr, rng, len(x_tr) // 2),
         [negatives[i] for i in order[cut:]] + partial_views(x_va, rng, len(x_va) // 2),
         seed=config.seed,
-        epochs=min(DOMAIN_EPOCHS, config.epochs or DOMAIN_EPOCHS),
+        epochs=epochs_for(config.epochs),
         must_pass=[reduce_image(image) for image in reference_chests(shared_root(config.data))],
     )
     logger.info(

@@ -40,6 +40,7 @@ from inference.preprocess import to_model_input
 DOMAIN_FILE = "domain_gate.tflite"
 DOMAIN_SIZE = 64
 DOMAIN_WIDTH = 8
+DOMAIN_EPOCHS = 8
 #: Share of validation positives the bound may reject (0.1 %).
 DOMAIN_QUANTILE = 0.001
 CROP_SIDES = (0.25, 0.5)
@@ -180,7 +181,7 @@ def fit_domain_gate(
     negatives_val: Sequence[np.ndarray],
     *,
     seed: int,
-    epochs: int = 8,
+    epochs: int = DOMAIN_EPOCHS,
     channels: int = 1,
     subject: str = CHEST_SUBJECT,
     must_pass: Sequence[np.ndarray] = (),
@@ -222,6 +223,12 @@ def fit_domain_gate(
         bound = min(bound, 0.5 * lowest)
     spec = DomainGateSpec(DOMAIN_FILE, DOMAIN_SIZE, bound, channels, subject)
     return DomainFit(net, spec, s_pos, s_neg, (len(pos_tr), len(neg_tr)))
+
+
+def epochs_for(requested: int | None) -> int:
+    """Epochs for the domain classifier when a recipe was asked for ``requested`` (a short test run stays
+    short)."""
+    return min(DOMAIN_EPOCHS, requested or DOMAIN_EPOCHS)
 
 
 def scores(net: Any, x: np.ndarray) -> np.ndarray:

@@ -297,6 +297,30 @@ def fit(
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
+def cached_network(
+    cache_dir: str | Path | None, name: str, train: Callable[[], tuple[Any, dict]]
+) -> tuple[Any, dict]:
+    """A trained network and its history: loaded from ``cache_dir/<name>.keras`` (+ ``.history.json``) when an
+    earlier run saved it there (a recipe's ``extra["members_dir"]``), else ``train()``-ed and saved there."""
+    import json
+
+    import keras
+
+    path = Path(cache_dir) / f"{name}.keras" if cache_dir else None
+    if path is not None and path.is_file():
+        logger.info("%s loaded from %s", name, path)
+        saved = path.with_suffix(".history.json")
+        return keras.models.load_model(path, compile=False), (
+            json.loads(saved.read_text()) if saved.is_file() else {}
+        )
+    net, history = train()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        net.save(path)
+        path.with_suffix(".history.json").write_text(json.dumps(history), encoding="utf-8")
+    return net, history
+
+
 def predict_with_features(
     net: Any, x: np.ndarray, batch_size: int = 64, *, layers: Sequence[str] = ("features",)
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,7 @@ from inference.preprocess import load_image_file
 from inference.train import (
     Recipe,
     TrainConfig,
+    cached_network,
     labels_csv,
     read_labels,
     register,
@@ -55,7 +56,6 @@ VERSION = "1.1.0"
 DEFAULT_EPOCHS = 30
 #: Networks averaged (seeds seed, seed + 1, ...); 1.0.0 was one network.
 MEMBERS = 3
-DOMAIN_EPOCHS = 8
 #: Folds for the out-of-fold distances behind the embedding gate's bound (:func:`embedding_stats`).
 OOF_FOLDS = 5
 POSITIVE = {"glaucoma", "rg", "1", "referable"}
@@ -142,7 +142,7 @@ def fit_fundus_domain(
 ) -> Any:
     """The fundus domain classifier (:mod:`inference.domain_gate`): photographs and disc crops vs seeded
     colour noise, pages and synthetic scenes (seeds 101 and 102; the card's probes use seed 0)."""
-    from inference.domain_gate import DOMAIN_SIZE, FUNDUS_SUBJECT, fit_domain_gate
+    from inference.domain_gate import DOMAIN_SIZE, FUNDUS_SUBJECT, epochs_for, fit_domain_gate
     from inference.gate import MEASURE_SIDE
     from inference.glaucoma_report import synthetic_ood
     from inference.models.glaucoma import colour_jitter
@@ -175,7 +175,7 @@ def fit_fundus_domain(
         negatives(101, 150),
         negatives(102, 40),
         seed=config.seed,
-        epochs=min(DOMAIN_EPOCHS, config.epochs or DOMAIN_EPOCHS),
+        epochs=epochs_for(config.epochs),
         channels=3,
         subject=FUNDUS_SUBJECT,
         must_pass=must_pass,
@@ -228,25 +228,19 @@ def train(config: TrainConfig) -> Path:
 
     def member(k: int) -> Any:
         """Member k (seed + k); loaded from ``extra["members_dir"]`` when saved there by an earlier run."""
-        import keras
 
-        cache = config.extra.get("members_dir")
-        path = Path(cache) / f"member{k}.keras" if cache else None
-        if path is not None and path.is_file():
-            logger.info("member %d loaded from %s", k, path)
-            return keras.models.load_model(path, compile=False)
-        net = fit(
-            [images[i] for i in tr],
-            [locations[i] for i in tr],
-            y[tr],
-            seed=config.seed + k,
-            epochs=epochs,
-            progress=progress,
-        )
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _without_optimizer(net).save(path)
-        return net
+        def train_member() -> tuple[Any, dict]:
+            net = fit(
+                [images[i] for i in tr],
+                [locations[i] for i in tr],
+                y[tr],
+                seed=config.seed + k,
+                epochs=epochs,
+                progress=progress,
+            )
+            return _without_optimizer(net), {}
+
+        return cached_network(config.extra.get("members_dir"), f"member{k}", train_member)[0]
 
     members = int(config.extra.get("members", MEMBERS))
     model = _reused(config) if config.extra.get("reuse") else None

@@ -1,4 +1,5 @@
 # screening-gateway image: `gateway serve` (listener + API) and `gateway worker` share it.
+# Serving only: `pip install .` brings LiteRT, not TensorFlow; training/ and the [train] extra stay out.
 FROM python:3.11-slim-bookworm
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 GATEWAY_DATA_DIR=/var/lib/gateway
 WORKDIR /app

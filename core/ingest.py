@@ -17,8 +17,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
-from core.models import Instance, Series, Study, utcnow
 from core.storage import Storage, check_uid
+from core.tables import Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,27 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
-from core.models import Job, utcnow
+from core.tables import AuditEvent, Job, utcnow
 
 log = logging.getLogger(__name__)
+
+#: Job kinds. A complete study is processed (route, infer, report); a report is delivered to one
+#: destination; a stable Orthanc study is pulled through the ingest path.
+PROCESS_STUDY = "process_study"
+DELIVER = "deliver"
+PULL_ORTHANC_STUDY = "pull_orthanc_study"
+
+
+class PermanentError(Exception):
+    """A job failure that retrying cannot fix: the job fails at once, with this message as its reason."""
+
+
+@dataclass(frozen=True)
+class Retry(Exception):
+    """Ask the worker to retry the job after ``delay`` seconds."""
+
+    message: str
+    delay: float
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,28 @@ def enqueue(
     session.add(job)
     session.flush()
     return job
+
+
+def enqueue_audited(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    study_instance_uid: str | None = None,
+    detail: dict[str, Any] | None = None,
+    **job: Any,
+) -> Job:
+    """:func:`enqueue` (``job``: its arguments) and an audit row naming the job, in one transaction."""
+    queued = enqueue(session, **job)
+    session.add(
+        AuditEvent(
+            actor=actor,
+            action=action,
+            study_instance_uid=study_instance_uid,
+            detail={**(detail or {}), "job_id": queued.id},
+        )
+    )
+    return queued
 
 
 def claim(

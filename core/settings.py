@@ -26,6 +26,16 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
+def _env_list(value: object, separator: str = ",") -> object:
+    """A list setting from the environment: a JSON array, or items joined by ``separator``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(separator) if part.strip()]
+    return value
+
+
 class DicomSettings(BaseModel):
     ae_title: str = "GATEWAY"
     host: str = "0.0.0.0"
@@ -39,15 +49,7 @@ class DicomSettings(BaseModel):
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
-    @field_validator("allowed_calling_aes", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+    _split = field_validator("allowed_calling_aes", mode="before")(classmethod(lambda cls, v: _env_list(v)))
 
 
 class HttpSettings(BaseModel):
@@ -83,25 +85,10 @@ class WorkerSettings(BaseModel):
 
 
 class InferenceSettings(BaseModel):
-    #: Extra directories holding model bundles (model.json + model.keras), besides the shipped weights.
+    #: Extra directories holding model bundles (model.json + model.tflite), besides the shipped weights.
     model_dirs: Annotated[list[Path], NoDecode] = []
 
-    @field_validator("model_dirs", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part for part in text.split(":") if part]
-        return value
-
-
-def _csv_list(value: object) -> object:
-    if isinstance(value, str):
-        text = value.strip()
-        return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
-    return value
+    _split = field_validator("model_dirs", mode="before")(classmethod(lambda cls, v: _env_list(v, ":")))
 
 
 class RoutingSettings(BaseModel):
@@ -122,7 +109,7 @@ class RoutingSettings(BaseModel):
     fundus_models: Annotated[list[str], NoDecode] = ["glaucoma"]
     chest_models: Annotated[list[str], NoDecode] = ["pneumonia", "covid19"]
 
-    _split = field_validator("*", mode="before")(classmethod(lambda cls, v: _csv_list(v)))
+    _split = field_validator("*", mode="before")(classmethod(lambda cls, v: _env_list(v)))
 
 
 class OrthancSettings(BaseModel):

@@ -12,13 +12,11 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
-from core.jobs import enqueue
-from core.models import AuditEvent, Study, utcnow
+from core.jobs import PROCESS_STUDY, enqueue_audited
 from core.settings import CompletionSettings
+from core.tables import Study, utcnow
 
 log = logging.getLogger(__name__)
-
-PROCESS_STUDY = "process_study"
 
 
 def complete_studies(
@@ -48,20 +46,15 @@ def complete_studies(
             )
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 continue  # another sweeper won, or an instance just arrived
-            job = enqueue(
+            job = enqueue_audited(
                 session,
+                actor="completion",
+                action="study_complete",
+                study_instance_uid=study_uid,
                 kind=PROCESS_STUDY,
                 payload={"study_instance_uid": study_uid},
                 study_id=study_id,
                 max_attempts=max_attempts,
-            )
-            session.add(
-                AuditEvent(
-                    actor="completion",
-                    action="study_complete",
-                    study_instance_uid=study_uid,
-                    detail={"job_id": job.id},
-                )
             )
             job_ids.append(job.id)
             log.info("study %s complete: job %d queued", study_uid, job.id)

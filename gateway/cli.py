@@ -8,11 +8,14 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from core.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
 
 app = typer.Typer(
     help="screening-gateway: AI screening in the PACS workflow (research decision support only).",
@@ -39,6 +42,17 @@ def _settings() -> Settings:
     return settings
 
 
+def _runtime(settings: Settings, *, migrate: bool) -> Runtime:
+    """The process's runtime, or exit 1 saying why it cannot start (database down, schema out of date)."""
+    from gateway.runtime import build_runtime
+
+    try:
+        return build_runtime(settings, migrate=migrate)
+    except Exception as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def serve(
     migrate: Annotated[
@@ -50,15 +64,10 @@ def serve(
 
     from api.main import create_app
     from dicom_listener.server import serve as serve_dicom
-    from gateway.runtime import build_runtime
     from gateway.worker import start_threads
 
     settings = _settings()
-    try:
-        rt = build_runtime(settings, migrate=migrate)
-    except Exception as exc:
-        typer.echo(f"cannot start: {exc}", err=True)
-        raise typer.Exit(1) from None
+    rt = _runtime(settings, migrate=migrate)
     try:
         listener = serve_dicom(settings.dicom, rt.storage, rt.factory)
     except OSError as exc:
@@ -84,15 +93,10 @@ def serve(
 @app.command()
 def worker() -> None:
     """Run one worker process (production: several, sharing the PostgreSQL job table)."""
-    from gateway.runtime import build_runtime
     from gateway.worker import Worker
 
     settings = _settings()
-    try:
-        rt = build_runtime(settings, migrate=False)
-    except Exception as exc:
-        typer.echo(f"cannot start: {exc}", err=True)
-        raise typer.Exit(1) from None
+    rt = _runtime(settings, migrate=False)
     w = Worker(rt)
     signal.signal(signal.SIGTERM, lambda *_: w.stop.set())
     try:
@@ -159,11 +163,12 @@ def train_model(
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the recipe's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the shipped model's).")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Bundle folder (default: inference/weights/MODEL, card in cards/).")
+        Path | None,
+        typer.Option(help="Bundle folder, card included (default: inference/weights/MODEL)."),
     ] = None,
 ) -> None:
     """Train a model from labelled images: writes its bundle and model card (seeded, reproducible)."""
-    from inference.train import DEFAULT_SEED, TrainConfig, default_config, get_recipe
+    from training.recipes import DEFAULT_SEED, TrainConfig, default_config, get_recipe
 
     _settings()
     try:
@@ -175,7 +180,7 @@ def train_model(
     config = (
         default_config(name, data, **options)
         if out is None
-        else TrainConfig(data=data, out_dir=out, card_path=out / f"{name}.md", **options)
+        else TrainConfig(data=data, out_dir=out, **options)
     )
     bundle = recipe.train(config)
     typer.echo(f"wrote {bundle} and {config.card_path}")
@@ -187,9 +192,9 @@ def evaluate_model(
     data: Annotated[Path, typer.Option(help="Labelled folder or CSV.", exists=True)],
 ) -> None:
     """Print a model's metrics (JSON, with 95 % CIs) on labelled images, through the serving path."""
-    from inference.bundle import KerasBundleModel
+    from inference.bundle import BundleModel
     from inference.registry import ModelRegistry
-    from inference.train import get_recipe
+    from training.recipes import get_recipe
 
     settings = _settings()
     model = ModelRegistry(extra_dirs=settings.inference.model_dirs).get(name)
@@ -198,17 +203,28 @@ def evaluate_model(
     except KeyError as exc:
         typer.echo(str(exc.args[0]), err=True)
         raise typer.Exit(2) from None
-    if not isinstance(model, KerasBundleModel):
+    if not isinstance(model, BundleModel):
         typer.echo(f"model {name!r} is not installed", err=True)
         raise typer.Exit(2)
     typer.echo(json.dumps(recipe.evaluate(model.path, data), indent=2, default=str))
+
+
+@app.command("export-tflite")
+def export_tflite(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (model.keras, model.json).", exists=True)],
+) -> None:
+    """Convert a bundle's model.keras to the served model.tflite again (outputs, gate embedding, heatmaps)."""
+    from training.export import reexport
+
+    _settings()
+    typer.echo(f"wrote {reexport(bundle)}")
 
 
 def _route_by_header(settings: Settings) -> Callable[[Path, Any], Sequence[str] | str]:
     """DICOM files go where the routing rules send them; PNG/JPEG by colour (fundus) or gray (chest)."""
     import pydicom
 
-    from inference.gate import is_colour
+    from inference.gates.rules import is_colour
     from inference.preprocess import is_dicom_file
     from inference.routing import SeriesInfo, route_series
 

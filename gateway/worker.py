@@ -10,16 +10,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from types import TracebackType
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
-from core.jobs import ClaimedJob
-from dicom_listener.completion import PROCESS_STUDY, complete_studies
-from gateway.orthanc_jobs import pull_orthanc_study
-from gateway.pipeline import DELIVER, PermanentError, Retry, deliver, process_study
+from core.jobs import DELIVER, PROCESS_STUDY, PULL_ORTHANC_STUDY, ClaimedJob, PermanentError, Retry
+from dicom_listener.completion import complete_studies
+from gateway.delivery import deliver
+from gateway.orthanc_pull import pull_orthanc_study
 from gateway.runtime import Runtime
+from gateway.study import process_study
 from orthanc.client import OrthancUnavailable
 from orthanc.reconcile import reconcile_once
-from orthanc.webhook import PULL_ORTHANC_STUDY
 from reporting.delivery import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,59 @@ HANDLERS: dict[str, Callable[[Runtime, ClaimedJob], None]] = {
     DELIVER: deliver,
     PULL_ORTHANC_STUDY: pull_orthanc_study,
 }
+
+#: The heartbeat renews a lease every third of GATEWAY_WORKER__LEASE_SECONDS, but never more often than this.
+MIN_RENEW_SECONDS = 0.05
+
+
+class _LeaseKeeper:
+    """While a handler runs (``with``), a daemon thread renews the job's lease every lease/3 seconds, so
+    no other worker takes over a job that is still being worked on. A lost lease (the job was taken over)
+    is logged and ends the renewals; a failed renewal (database briefly down) is logged and retried."""
+
+    def __init__(
+        self, factory: sessionmaker[Session], job_id: int, *, worker_id: str, lease_seconds: float
+    ) -> None:
+        self._factory = factory
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._lease_seconds = lease_seconds
+        self._interval = max(lease_seconds / 3, MIN_RENEW_SECONDS)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-job-{job_id}", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done.set()
+        # A renewal stuck on the database must not hold up the worker; one finishing late is harmless
+        # (renew_lease only touches a job this worker still holds as running).
+        self._thread.join(timeout=self._interval)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                renewed = jobs.renew_lease(
+                    self._factory, self._job_id, worker_id=self._worker_id, lease_seconds=self._lease_seconds
+                )
+            except Exception:
+                log.exception("job %d: renewing the lease failed; retrying", self._job_id)
+                continue
+            if not renewed:
+                if not self._done.is_set():
+                    log.warning(
+                        "job %d: lease lost (taken over by another worker), %s stops renewing it",
+                        self._job_id,
+                        self._worker_id,
+                    )
+                return
 
 
 class Worker:
@@ -80,7 +136,8 @@ class Worker:
         try:
             if handler is None:
                 raise PermanentError(f"unknown job kind {job.kind!r}")
-            handler(self.rt, job)
+            with _LeaseKeeper(self.rt.factory, job.id, worker_id=self.id, lease_seconds=wcfg.lease_seconds):
+                handler(self.rt, job)
         except Retry as exc:
             status = jobs.fail(
                 self.rt.factory, job.id, worker_id=self.id, error=exc.message, retry_in=exc.delay
@@ -99,7 +156,8 @@ class Worker:
             status = jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=error, retry_in=delay)
             log.exception("job %d (%s) attempt %d raised -> %s", job.id, job.kind, job.attempts, status)
         else:
-            jobs.complete(self.rt.factory, job.id, worker_id=self.id)
+            if not jobs.complete(self.rt.factory, job.id, worker_id=self.id):
+                log.warning("job %d (%s) finished, but another worker had taken it over", job.id, job.kind)
 
 
 def start_threads(rt: Runtime, count: int) -> list[Worker]:

@@ -1,74 +1,66 @@
-"""Model bundles: a directory with ``model.keras`` (Keras 3) and ``model.json`` (metadata).
+"""Model bundles: a directory with ``model.tflite`` (the served graph), ``model.json`` (metadata), gate files
+and the training artefacts (``model.keras``, ``card.md``) that serving never reads.
 
-``model.json`` is read and validated by :class:`inference.bundle_metadata.BundleMetadata` (format there);
-:mod:`inference.runners` runs the network.
+``model.json`` is read and validated by :class:`inference.metadata.BundleMetadata` (format there);
+:mod:`inference.runners` runs the graph on the LiteRT interpreter: serving needs no TensorFlow.
 
 An optional ``"preprocess"`` key names an input adapter (:data:`ADAPTERS`) for models that need more than a
 resize: it runs its own consistency checks after the rule gate, cuts the network input from the image, may
-describe what it got (:meth:`KerasBundleModel.describe_input`) and maps the heatmap back onto the image.
-``"fundus-disc"`` (:class:`inference.gate_fundus.FundusDiscAdapter`) finds the optic disc and crops it.
+describe what it got (:meth:`BundleModel.describe_input`) and maps the heatmap back onto the image.
+``"fundus-disc"`` (:class:`inference.gates.fundus.FundusDiscAdapter`) finds the optic disc and crops it.
 
 Optional keys used by the chest models: ``"calibration"``, a list of ``{"columns": [...], "temperature": T}``
 (one column: sigmoid(logit(p) / T); several: softmax(log(p) / T) over them); ``"feature_gate"``, the name of
-an ``.npz`` file with a :class:`inference.gate.FeatureGate` (SSIM to an average radiograph, Mahalanobis
-distance of the network's embedding: the layers named in ``"feature_layers"``, default ``["features"]``,
-global-average-pooled and concatenated, see ``embedding_model``); an output's ``"requires"``, another
-finding that must be present for this one to be (a subtype); ``"domain_gate"``, a separate small classifier
-of whole chest radiographs run last (:mod:`inference.domain_gate`). When ``model.tflite`` is present (a
-float32 conversion with the outputs and the embedding as its two outputs) it serves the probabilities; Keras
-still draws the heatmaps. ``embedding_model`` is :func:`inference.runners.embedding_model`.
+an ``.npz`` file with a :class:`inference.gates.features.FeatureGate` (SSIM to an average radiograph,
+Mahalanobis distance of the network's embedding: the layers named in ``"feature_layers"``, default
+``["features"]``, global-average-pooled and concatenated, an output of the served graph); an output's
+``"requires"``, another finding that must be present for this one to be (a subtype); ``"domain_gate"``, a
+separate small classifier run last (:mod:`inference.gates.domain`). Heatmaps are the class activation maps
+the served graph outputs (:mod:`training.export` says how they are built).
 
 The network receives float32 N x size x size x channels in [0, 1] (see :func:`inference.preprocess.
-to_model_input`); any further normalisation belongs inside the Keras graph. Each output maps one column of
-the (sigmoid or softmax) output to a finding; ``present`` is probability >= threshold.
-
-TensorFlow/Keras are imported only when a model is first used: reading metadata and building a registry
-stays cheap.
+to_model_input`); any further normalisation belongs inside the graph. Each output maps one column of the
+(sigmoid or softmax) output to a finding; ``present`` is probability >= threshold. The interpreter loads on
+first use: reading metadata and building a registry stays cheap.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
 
 from core.domain import Finding, ModelInfo
-from inference.bundle_metadata import (
+from inference.gates.domain import DomainGate
+from inference.gates.features import FeatureGate
+from inference.gates.rules import MEASURE_SIDE, check_consistency
+from inference.metadata import (
     ADAPTERS,
     METADATA_FILE,
-    MODEL_FILE,
     TFLITE_FILE,
     BundleError,
     BundleMetadata,
     InputAdapter,
     OutputSpec,
 )
-from inference.domain_gate import DomainGate
-from inference.gate import MEASURE_SIDE, FeatureGate, check_consistency
 from inference.preprocess import to_model_input
-from inference.runners import KerasRunner, Runner, TfliteRunner, keras_module
-
-if TYPE_CHECKING:
-    import keras
+from inference.runners import RunResult, TfliteRunner
 
 __all__ = [
     "METADATA_FILE",
-    "MODEL_FILE",
     "TFLITE_FILE",
     "BundleError",
     "BundleMetadata",
-    "KerasBundleModel",
+    "BundleModel",
     "reduce_image",
-    "write_bundle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,31 +68,30 @@ logger = logging.getLogger(__name__)
 _BATCH = 16
 
 
-class KerasBundleModel:
-    """A :class:`inference.base.Model` backed by a bundle directory; Keras loads on first prediction."""
+class BundleModel:
+    """A :class:`inference.model.Model` backed by a bundle directory; the interpreter loads on first use."""
 
     def __init__(self, path: Path, metadata: BundleMetadata | None = None) -> None:
         self.path = Path(path)
         self.metadata = metadata or BundleMetadata.read(self.path)
-        if not (self.path / MODEL_FILE).is_file():
-            raise BundleError(f"{self.path} has no {MODEL_FILE}")
+        if not (self.path / TFLITE_FILE).is_file():
+            raise BundleError(f"{self.path} has no {TFLITE_FILE}")
         self.info: ModelInfo = self.metadata.info
         self.modality_kind: Literal["fundus", "chest"] = self.metadata.kind
-        self._model: keras.Model | None = None
         self._adapter: InputAdapter | None = None
-        self._lock = threading.RLock()  # re-entrant: _run builds a runner that loads the model
-        self._runner: Runner | None = None
+        self._lock = threading.RLock()
+        self._runner: TfliteRunner | None = None
         self._feature_gate: FeatureGate | None = None
         self._domain: DomainGate | None = None
         # Gated images (by identity, weakly held) -> their raw outputs, for predict.
         self._recent: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = OrderedDict()
 
     def __repr__(self) -> str:
-        return f"KerasBundleModel({self.info.name!r} {self.info.version}, {str(self.path)!r})"
+        return f"BundleModel({self.info.name!r} {self.info.version}, {str(self.path)!r})"
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return self._runner is not None
 
     def check_input(self, image: np.ndarray) -> str | None:
         adapter = self._input_adapter()
@@ -128,19 +119,19 @@ class KerasBundleModel:
         reason = gate.check_ssim(x)
         if reason is not None:
             return reason
-        outputs, features = self._run(x[np.newaxis])
-        self._remember(image, outputs[0])
-        if features is None:
-            raise BundleError(f"{self.info.name}: the network has no 'features' layer for its feature gate")
-        return gate.check_features(features[0])
+        result = self._run(x[np.newaxis])
+        self._remember(image, result.outputs[0])
+        if result.features is None:
+            raise BundleError(f"{self.info.name}: the served graph has no embedding for its feature gate")
+        return gate.check_features(result.features[0])
 
     def _check_adapter_features(self, image: np.ndarray, adapter: Any) -> str | None:
         """The adapter's verdict on the network's ``"features"`` embedding; keeps the outputs for predict."""
-        outputs, features = self._run(self._input(image)[np.newaxis])
-        self._remember(image, outputs[0])
-        if features is None:
-            raise BundleError(f"{self.info.name}: the network has no 'features' layer for its adapter's gate")
-        return cast(str | None, adapter.check_features(features[0]))
+        result = self._run(self._input(image)[np.newaxis])
+        self._remember(image, result.outputs[0])
+        if result.features is None:
+            raise BundleError(f"{self.info.name}: the served graph has no embedding for its adapter's gate")
+        return cast(str | None, adapter.check_features(result.features[0]))
 
     def describe_input(self, image: np.ndarray) -> str | None:
         """What the adapter made of an accepted image (e.g. full photograph or disc crop), or None."""
@@ -174,7 +165,7 @@ class KerasBundleModel:
         todo = [i for i, row in enumerate(known) if row is None]
         if todo:
             x = np.stack([self._input(images[i]) for i in todo])
-            fresh = np.concatenate([self._run(x[i : i + _BATCH])[0] for i in range(0, len(x), _BATCH)])
+            fresh = np.concatenate([self._run(x[i : i + _BATCH]).outputs for i in range(0, len(x), _BATCH)])
             for i, row in zip(todo, fresh, strict=True):
                 known[i] = row
         out = self._calibrated(np.stack([np.asarray(row) for row in known]).astype(np.float64))
@@ -184,33 +175,11 @@ class KerasBundleModel:
         return out
 
     def heatmap(self, image: np.ndarray, finding: str | None = None) -> np.ndarray | None:
-        """Grad-CAM over the last top-level Conv2D for ``finding`` (default: the first output).
-
-        Float32 of the image's HxW in [0, 1], or None when the network has no top-level Conv2D (a backbone
-        nested as one layer is not searched).
-        """
-        import tensorflow as tf
-
-        model = self._keras_model()
-        conv = _last_conv2d(model)
-        if conv is None:
+        """:meth:`activation_map` of ``finding`` (default: the first output) on the image: float32 of the
+        image's HxW in [0, 1] (scaled to its peak), or None when the served graph has no maps."""
+        cam = self.activation_map(image, finding)
+        if cam is None:
             return None
-        spec = next((o for o in self.metadata.outputs if finding in (None, o.finding)), None)
-        if spec is None:
-            raise ValueError(f"{self.info.name} has no output {finding!r}")
-        keras = keras_module()
-        grad_model = keras.Model(model.inputs, [conv.output, model.output])
-        x = tf.convert_to_tensor(self._input(image)[np.newaxis])
-        with tf.GradientTape() as tape:
-            features, output = grad_model(x, training=False)
-            if isinstance(output, (list, tuple)):
-                output = tf.concat(list(output), axis=-1)
-            score = output[:, spec.index]
-        grads = tape.gradient(score, features)
-        if grads is None:
-            return None
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy().astype(np.float32)
         h, w = image.shape[:2]
         adapter = self._input_adapter()
         if adapter is not None:
@@ -220,24 +189,41 @@ class KerasBundleModel:
         peak = float(cam.max())
         return np.clip(cam / peak, 0.0, 1.0) if peak > 0 else np.zeros((h, w), dtype=np.float32)
 
+    def activation_map(self, image: np.ndarray, finding: str | None = None) -> np.ndarray | None:
+        """Class activation map of ``finding`` at the network's last feature-map size (ReLU, unscaled).
+
+        For a column of a softmax group the map is drawn against the group's other classes,
+        ``cam_c - sum_j p_j cam_j`` (p: the network's outputs in the group): the direction in which the
+        softmax output of c grows, which is what Grad-CAM of a softmax output measures.
+        """
+        spec = next((o for o in self.metadata.outputs if finding in (None, o.finding)), None)
+        if spec is None:
+            raise ValueError(f"{self.info.name} has no output {finding!r}")
+        result = self._run(self._input(image)[np.newaxis], with_cam=True)
+        if result.cam is None:
+            return None
+        maps = result.cam[0]
+        cam = maps[:, :, spec.index]
+        group = next((g for g in self.metadata.softmax_groups if spec.index in g), None)
+        if group is not None:
+            p = result.outputs[0, list(group)]
+            cam = cam - np.tensordot(maps[:, :, list(group)], p / max(float(p.sum()), 1e-12), axes=([2], [0]))
+        return np.maximum(cam, 0.0).astype(np.float32)
+
     def _input(self, image: np.ndarray) -> np.ndarray:
         adapter = self._input_adapter()
         if adapter is not None:
             return adapter.prepare(image)
         return to_model_input(reduce_image(image), self.metadata.input_size, self.metadata.channels)
 
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw outputs (and features when the runner has them) of a batch of network inputs."""
+    def _run(self, x: np.ndarray, *, with_cam: bool = False) -> RunResult:
+        """Raw outputs, embedding (and with ``with_cam`` the class maps) of a batch of network inputs."""
         with self._lock:
             if self._runner is None:
-                tflite = self.path / TFLITE_FILE
-                self._runner = (
-                    TfliteRunner(tflite)
-                    if tflite.is_file()
-                    else KerasRunner(self._keras_model(), self.metadata.feature_layers)
-                )
+                logger.info("loading model %s %s from %s", self.info.name, self.info.version, self.path)
+                self._runner = TfliteRunner(self.path / TFLITE_FILE)
             runner = self._runner
-        return runner(x)
+        return runner(x, with_cam=with_cam)
 
     def _gate_stats(self) -> FeatureGate:
         with self._lock:
@@ -291,14 +277,6 @@ class KerasBundleModel:
                 self._adapter = cast(InputAdapter, cls(self.path, self.metadata.input_size))
             return self._adapter
 
-    def _keras_model(self) -> keras.Model:
-        with self._lock:
-            if self._model is None:
-                keras = keras_module()
-                logger.info("loading model %s %s from %s", self.info.name, self.info.version, self.path)
-                self._model = keras.models.load_model(self.path / MODEL_FILE, compile=False)
-            return self._model
-
 
 def reduce_image(image: np.ndarray, side: int = MEASURE_SIDE) -> np.ndarray:
     """``image`` shrunk (INTER_AREA) to a long side of at most ``side``, as the rule gate measures it."""
@@ -308,21 +286,3 @@ def reduce_image(image: np.ndarray, side: int = MEASURE_SIDE) -> np.ndarray:
         return image
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return np.asarray(cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA))
-
-
-def write_bundle(directory: Path, model: keras.Model, metadata: dict[str, Any]) -> Path:
-    """Save ``model`` and its validated ``metadata`` as a bundle in ``directory`` (created if needed)."""
-    BundleMetadata.from_dict(metadata)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save(directory / MODEL_FILE)
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    return directory
-
-
-def _last_conv2d(model: keras.Model) -> Any:
-    keras = keras_module()
-    for layer in reversed(model.layers):
-        if isinstance(layer, keras.layers.Conv2D):
-            return layer
-    return None

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from inference.base import Assessment, Model, assess
-from inference.gate import is_colour
+from inference.gates.rules import is_colour
+from inference.model import Assessment, Model, assess
 from inference.preprocess import UnreadableImage, is_dicom_file, load_any
 from inference.registry import ModelRegistry
 

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from core.domain import ModelInfo
-from inference.base import Model
-from inference.bundle import METADATA_FILE, BundleError, KerasBundleModel
+from inference.bundle import METADATA_FILE, BundleError, BundleModel
+from inference.model import Model
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ModelRegistry:
 
     def _add_bundle(self, bundle_dir: Path) -> None:
         try:
-            model = KerasBundleModel(bundle_dir)
+            model = BundleModel(bundle_dir)
         except BundleError as exc:
             logger.error("skipping model bundle %s: %s", bundle_dir, exc)
             self.problems[bundle_dir] = str(exc)

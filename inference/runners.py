@@ -1,92 +1,71 @@
-"""What runs a bundle's network on a batch: the TFLite interpreter (served) or the Keras model (fallback).
+"""What runs a bundle's network on a batch: the standalone LiteRT interpreter (no TensorFlow).
 
-Both return ``(outputs, embedding)``; the embedding is the gate's (:func:`embedding_model`) or None when the
-network lacks the layers. TensorFlow is imported only when a runner is built.
+A served graph (written by :mod:`training.export`) has up to three outputs, in this order: the network's
+outputs (N x columns), the gate embedding (N x D) and the class activation maps (N x h x w x columns, the
+only 4-D one). The converter names them ``<function>:<index>``; the index gives the order.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import keras
+#: Interpreter threads per network (the worker machine has 2 cores).
+THREADS = 2
 
 
-class Runner(Protocol):
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+@dataclass(frozen=True)
+class RunResult:
+    """Outputs of a batch; ``features`` and ``cam`` are None when the graph lacks them."""
 
-
-class KerasRunner:
-    """The Keras network; with the gate embedding of ``layers`` as second output when the network has them."""
-
-    def __init__(self, net: keras.Model, layers: Sequence[str]) -> None:
-        names = {layer.name for layer in net.layers}
-        self._both = set(layers) <= names
-        self._net = embedding_model(net, layers) if self._both else net
-
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if not self._both:
-            return as_numpy(self._net(x, training=False)), None
-        out, features = self._net(x, training=False)
-        return np.asarray(out), np.asarray(features)
+    outputs: np.ndarray
+    features: np.ndarray | None = None
+    cam: np.ndarray | None = None
 
 
 class TfliteRunner:
-    """A TFLite interpreter (2 threads) with two outputs: probabilities (narrower) and features (wider)."""
+    """A LiteRT interpreter over one ``.tflite`` file; calls are serialised (an interpreter is not
+    re-entrant), images run one at a time (the graphs have a fixed batch of 1)."""
 
     def __init__(self, path: Path) -> None:
-        import warnings
+        from ai_edge_litert.interpreter import Interpreter
 
-        import tensorflow as tf
-
-        with warnings.catch_warnings():  # "tf.lite.Interpreter is deprecated" (LiteRT is not a dependency)
-            warnings.simplefilter("ignore")
-            self._interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
+        self._interpreter = Interpreter(model_path=str(path), num_threads=THREADS)
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
-        details = sorted(self._interpreter.get_output_details(), key=lambda d: int(d["shape"][-1]))
-        self._outputs = [d["index"] for d in details]
+        details = sorted(self._interpreter.get_output_details(), key=_output_index)
+        flat = [d for d in details if len(d["shape"]) == 2]
+        maps = [d for d in details if len(d["shape"]) == 4]
+        if not flat or len(flat) > 2 or len(maps) > 1:
+            raise ValueError(f"{path}: unexpected outputs {[list(d['shape']) for d in details]}")
+        self._outputs = flat[0]["index"]
+        self._features = flat[1]["index"] if len(flat) == 2 else None
+        self._cam = maps[0]["index"] if maps else None
         self._lock = threading.Lock()
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        rows, feats = [], []
+    @property
+    def has_cam(self) -> bool:
+        return self._cam is not None
+
+    def __call__(self, x: np.ndarray, *, with_cam: bool = False) -> RunResult:
+        rows, feats, cams = [], [], []
         with self._lock:
             for xi in np.asarray(x, dtype=np.float32):
                 self._interpreter.set_tensor(self._input, xi[np.newaxis])
                 self._interpreter.invoke()
-                rows.append(self._interpreter.get_tensor(self._outputs[0])[0].copy())
-                feats.append(self._interpreter.get_tensor(self._outputs[-1])[0].copy())
-        return np.stack(rows), (np.stack(feats) if len(self._outputs) > 1 else None)
+                rows.append(self._interpreter.get_tensor(self._outputs)[0].copy())
+                if self._features is not None:
+                    feats.append(self._interpreter.get_tensor(self._features)[0].copy())
+                if with_cam and self._cam is not None:
+                    cams.append(self._interpreter.get_tensor(self._cam)[0].copy())
+        return RunResult(np.stack(rows), np.stack(feats) if feats else None, np.stack(cams) if cams else None)
 
 
-def embedding_model(net: keras.Model, layers: Sequence[str] = ("features",)) -> keras.Model:
-    """``net`` with a second output, the gate's embedding: the named layers' outputs, global-average-pooled
-    when spatial, concatenated (one layer: as it is)."""
-    keras = keras_module()
-    parts = []
-    for name in layers:
-        out = net.get_layer(name).output
-        if len(out.shape) == 4:
-            out = keras.layers.GlobalAveragePooling2D(name=f"gate_pool_{name}")(out)
-        parts.append(out)
-    embedding = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="gate_embedding")(parts)
-    return keras.Model(net.inputs, [net.output, embedding])
-
-
-def keras_module() -> Any:
-    import keras
-
-    return keras
-
-
-def as_numpy(output: Any) -> np.ndarray:
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return np.concatenate([np.asarray(o) for o in output], axis=-1)
-    return cast(np.ndarray, np.asarray(output))
+def _output_index(detail: dict[str, Any]) -> int:
+    """The graph output's position (``StatefulPartitionedCall:1`` -> 1); 0 for a name without one."""
+    suffix = str(detail["name"]).rpartition(":")[2]
+    return int(suffix) if suffix.isdigit() else 0

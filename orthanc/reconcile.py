@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
-from core.models import OrthancCursor
+from core.tables import OrthancCursor
 from orthanc.client import OrthancSource
 from orthanc.webhook import queue_pull
 

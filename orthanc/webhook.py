@@ -12,12 +12,10 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
-from core.jobs import enqueue
-from core.models import AuditEvent
+from core.jobs import PULL_ORTHANC_STUDY, enqueue_audited
 
 log = logging.getLogger(__name__)
 
-PULL_ORTHANC_STUDY = "pull_orthanc_study"
 #: Orthanc resource ids are SHA-1 based: five groups of 8 hex digits joined by dashes.
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 
@@ -33,19 +31,15 @@ def queue_pull(
 ) -> int:
     """Queue (once, while one is pending) the pull of an Orthanc study; returns the job id."""
     with transaction(factory) as session:
-        job = enqueue(
+        job = enqueue_audited(
             session,
+            actor=actor,
+            action="orthanc_stable_study",
+            detail={"orthanc_study_id": orthanc_study_id},
             kind=PULL_ORTHANC_STUDY,
             payload={"orthanc_study_id": orthanc_study_id},
             dedupe_key=orthanc_study_id,
             max_attempts=max_attempts,
-        )
-        session.add(
-            AuditEvent(
-                actor=actor,
-                action="orthanc_stable_study",
-                detail={"orthanc_study_id": orthanc_study_id, "job_id": job.id},
-            )
         )
         return job.id
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need (Debian packages, a virtualenv with the project) and run the tests.
 # Usage: ./scripts/test.sh [pytest arguments]
+# Runs ruff (lint + format), mypy, import-linter's architecture contracts, then pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,15 @@ fi
 python=$(command -v python3.11 || command -v python3)
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[train,test]"
+
+# Static checks first: any failure fails the test command.
+echo "ruff, mypy, import contracts"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy core dicom_listener inference reporting api orthanc gateway training tests
+# The Orthanc plugin imports Orthanc's embedded `orthanc` module: checked against its stub, not our package.
+(cd orthanc/plugin && MYPYPATH=stubs ../../.venv/bin/mypy --config-file ../../pyproject.toml screening_gateway.py)
+.venv/bin/lint-imports
 
 exec .venv/bin/python -m pytest "$@"

@@ -15,6 +15,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -38,13 +39,19 @@ CHEST_DIR = SHARED / "data" / "chest-xray-pneumonia" / "images"
 
 def fundus_rgb(size: int = 256, index: int = 0) -> np.ndarray:
     path = sorted((FUNDUS_DIR / "normal").glob("*.jpg"))[index]
-    img = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.resize(_read(path, cv2.IMREAD_COLOR)[..., ::-1], (size, size), interpolation=cv2.INTER_AREA)
 
 
 def chest_gray(size: int = 256, index: int = 0) -> np.ndarray:
     path = sorted((CHEST_DIR / "normal").glob("*.jpeg"))[index]
-    return cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.resize(_read(path, cv2.IMREAD_GRAYSCALE), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _read(path: Path, flags: int) -> np.ndarray:
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise FileNotFoundError(f"cannot read {path}")
+    return np.ascontiguousarray(image)
 
 
 def base_dataset(
@@ -57,7 +64,7 @@ def base_dataset(
 ) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -145,7 +152,7 @@ def save(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian)
     """Write ``ds`` with an uncompressed syntax, or compress it with dcmtk ("jpeg-baseline", ...)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
         ds.save_as(path, enforce_file_format=True)
         return path
     raw = path.with_suffix(".raw.dcm")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import func, select
 
 from api.deps import SessionDep
-from core.models import Delivery, Instance, Job, Prediction, Report, RoutingDecision, Series, Study
+from core.tables import Delivery, Instance, Job, Prediction, Report, RoutingDecision, Series, Study
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
 

@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from core.models import Base
+from core.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

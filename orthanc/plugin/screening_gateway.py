@@ -6,6 +6,8 @@ standard library. A failed notification is logged and otherwise ignored: the gat
 Orthanc's /changes feed and picks up every stable study it was not told about.
 """
 
+from __future__ import annotations
+
 import json
 import threading
 import urllib.request
@@ -18,7 +20,7 @@ SECRET = _CONFIG.get("Secret", "")
 TIMEOUT = float(_CONFIG.get("Timeout", 10))
 
 
-def _notify(study_id):
+def _notify(study_id: str) -> None:
     request = urllib.request.Request(
         WEBHOOK_URL,
         data=json.dumps({"study": study_id}).encode(),
@@ -32,7 +34,7 @@ def _notify(study_id):
         orthanc.LogWarning(f"screening-gateway: webhook for study {study_id} failed ({exc})")
 
 
-def OnChange(change_type, level, resource_id):
+def OnChange(change_type: int, level: int, resource_id: str) -> None:
     if change_type == orthanc.ChangeType.STABLE_STUDY and WEBHOOK_URL:
         # Orthanc calls this on its own thread: never block it on the network.
         threading.Thread(target=_notify, args=(resource_id,), daemon=True).start()

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
 from core.db import transaction
-from core.models import Job
+from core.tables import Job
 
 
 def _enqueue(factory: sessionmaker[Session], n: int, **kw: object) -> list[int]:
@@ -60,12 +60,13 @@ def test_retry_then_fail_after_max_attempts(factory: sessionmaker[Session]) -> N
     assert jobs.claim(factory, worker_id="w", lease_seconds=60) is None  # not due yet
     assert jobs.fail(factory, job_id, worker_id="w", error="x", retry_in=0) == "lost"  # not running
     with transaction(factory) as s:
-        s.get(Job, job_id).next_attempt_at = s.get(Job, job_id).created_at  # make it due now
+        due = s.get_one(Job, job_id)
+        due.next_attempt_at = due.created_at  # make it due now
     job = jobs.claim(factory, worker_id="w", lease_seconds=60)
     assert job is not None and job.attempts == 2
     assert jobs.fail(factory, job_id, worker_id="w", error="peer down", retry_in=1) == "failed"
     with factory() as s:
-        row = s.get(Job, job_id)
+        row = s.get_one(Job, job_id)
         assert row.status == "failed" and row.last_error == "peer down" and row.finished_at is not None
 
 

@@ -2,7 +2,7 @@ from sqlalchemy import inspect
 
 from core.db import make_engine
 from core.migrate import current_revision, head_revision, upgrade
-from core.models import Base
+from core.tables import Base
 
 
 def test_migrations_create_the_model_schema(database_url: str) -> None:

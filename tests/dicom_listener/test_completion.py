@@ -10,9 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
-from core.models import Job, Study, utcnow
+from core.jobs import PROCESS_STUDY
 from core.settings import CompletionSettings
-from dicom_listener.completion import PROCESS_STUDY, complete_studies
+from core.tables import Job, Study, utcnow
+from dicom_listener.completion import complete_studies
 
 RULES = CompletionSettings(quiet_seconds=2, max_wait_seconds=30)
 

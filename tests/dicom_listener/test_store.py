@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import Instance, Series, Study
 from core.settings import DicomSettings
 from core.storage import Storage
+from core.tables import Instance, Series, Study
 from dicom_listener.server import Listener, serve
 from tests import factories as f
 from tests.peers import SHARED_DICOM, send_file, storescu, wait_for
@@ -176,7 +176,7 @@ def test_uid_mismatch_with_the_command_is_refused(
     ds2 = f.chest_radiograph(sop_class=f.CR, modality="CR")
     path2 = f.save(ds2, tmp_path / "y.dcm")
     lie2 = pydicom.dcmread(path2)
-    lie2.file_meta.MediaStorageSOPClassUID = f.DX_PRESENTATION
+    lie2.file_meta.MediaStorageSOPClassUID = UID(f.DX_PRESENTATION)
     lie2.save_as(path2)
     assert send_file(listener.port, path2) == 0xA900
     _assert_kept(factory, storage, stored_before)
@@ -207,7 +207,7 @@ def test_unsupported_sop_class_is_rejected(
     listener: Listener, factory: sessionmaker[Session], storage: Storage, stored_before: int, tmp_path: Path
 ) -> None:
     ds = f.chest_radiograph()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.9.9999.1"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.826.0.1.3680043.9.9999.1")
     path = f.save(ds, tmp_path / "private.dcm")
     result = storescu(listener.port, path)
     assert result.returncode != 0

@@ -45,7 +45,7 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 def _received_srs(folder: Path, prefix: str = SR_PREFIX) -> dict[str, pydicom.Dataset]:
     """Complete objects of a SOP class (prefix) the PACS stored; a file storescp is still writing is skipped
     until a later poll."""
-    out = {}
+    out: dict[str, pydicom.Dataset] = {}
     for path in folder.glob("*"):
         if path.is_file():
             try:

@@ -17,8 +17,8 @@ from sqlalchemy import func, select, update
 
 from core.db import make_engine, make_sessionmaker, transaction
 from core.ingest import InstanceMeta, store_instance
-from core.models import Job, Report, Study, utcnow
 from core.storage import Storage
+from core.tables import Job, Report, Study, utcnow
 from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import REPO, SHARED_DICOM, create_database, stop
 

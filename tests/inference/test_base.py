@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from core.domain import Finding, ImageResult, InstanceRef, ModelInfo
-from inference.base import Model, run_model
+from inference.model import ModalityKind, Model, run_model
 from inference.registry import ModelRegistry
 from tests.inference.conftest import shared_dicom
 
@@ -101,7 +101,7 @@ def test_unreadable_instances_do_not_break_the_batch(
 
 class _FailingModel:
     info = ModelInfo("broken", "0")
-    modality_kind = "chest"
+    modality_kind: ModalityKind = "chest"
 
     def check_input(self, image: np.ndarray) -> str | None:
         return None

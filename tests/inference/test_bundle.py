@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.base import assess
-from inference.bundle import BundleError, BundleMetadata, KerasBundleModel
-from inference.domain_gate import CHEST_SUBJECT
+from inference.bundle import BundleError, BundleMetadata, BundleModel
+from inference.gates.domain import CHEST_SUBJECT
+from inference.model import assess
 from inference.preprocess import load_dicom_image
 from inference.registry import ModelRegistry
 from tests.inference.conftest import shared_dicom
@@ -24,9 +24,9 @@ def fundus() -> np.ndarray:
     return load_dicom_image(shared_dicom("sc_fundus_j2k.dcm"))
 
 
-def _model(registry: ModelRegistry, name: str) -> KerasBundleModel:
+def _model(registry: ModelRegistry, name: str) -> BundleModel:
     model = registry.get(name)
-    assert isinstance(model, KerasBundleModel)
+    assert isinstance(model, BundleModel)
     return model
 
 
@@ -101,15 +101,16 @@ def test_heatmap_matches_input(registry: ModelRegistry, chest: np.ndarray, fundu
         _model(registry, "pneumonia").heatmap(chest, finding="glaucoma")
 
 
-def test_heatmap_none_without_conv(tmp_path: Path, chest: np.ndarray) -> None:
+def test_heatmap_none_without_maps(tmp_path: Path, chest: np.ndarray) -> None:
     import keras
 
-    from inference.bundle import write_bundle
+    from training.export import write_bundle
 
     inputs = keras.Input((64, 64, 1))
     outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs))
     meta = {**tiny_metadata("covid19"), "outputs": [{"finding": "covid19", "index": 0, "threshold": 0.3}]}
-    model = KerasBundleModel(write_bundle(tmp_path / "dense", keras.Model(inputs, outputs), meta))
+    del meta["heatmap"]
+    model = BundleModel(write_bundle(tmp_path / "dense", keras.Model(inputs, outputs), meta))
     assert model.heatmap(chest) is None
     [findings] = model.predict([chest])
     assert [f.threshold for f in findings] == [0.3]
@@ -119,7 +120,7 @@ def test_output_column_missing_is_an_error(tmp_path: Path, tiny_bundle_dir: Path
     meta = BundleMetadata.from_dict(
         {**tiny_metadata("covid19"), "outputs": [{"finding": "covid19", "index": 5, "threshold": 0.5}]}
     )
-    model = KerasBundleModel(tiny_bundle_dir / "covid19", metadata=meta)
+    model = BundleModel(tiny_bundle_dir / "covid19", metadata=meta)
     with pytest.raises(BundleError, match="lacks column 5"):
         model.predict([chest])
     # assess() turns the failure into not-assessable results instead of raising

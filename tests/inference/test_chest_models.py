@@ -13,26 +13,26 @@ import pydicom
 import pytest
 
 from core.domain import InstanceRef
-from inference.base import assess, run_model
-from inference.bundle import KerasBundleModel
-from inference.chest_card import VERSIONS
-from inference.outliers import document, probe_images
+from inference.bundle import BundleModel
+from inference.model import assess, run_model
 from inference.preprocess import load_dicom_image
 from inference.registry import SHIPPED_DIR, ModelRegistry
 from reporting.codes import FINDING_CODES
 from tests.inference.conftest import DICOM_DIR, shared_dicom
+from training.probes import document, probe_images
 
 REPO = Path(__file__).resolve().parents[2]
 CHEST = ("pneumonia", "covid19")
+VERSIONS = {name: json.loads((SHIPPED_DIR / name / "model.json").read_text())["version"] for name in CHEST}
 FILES = ("dx_chest_small.dcm", "cr_chest_jpegls.dcm", "cr_hip_rle.dcm", "sc_fundus_j2k.dcm")
 
 
 @pytest.fixture(scope="module")
-def shipped() -> dict[str, KerasBundleModel]:
+def shipped() -> dict[str, BundleModel]:
     registry = ModelRegistry()
     models = {name: registry.get(name) for name in CHEST}
     for name, model in models.items():
-        assert isinstance(model, KerasBundleModel), f"{name} must ship in inference/weights/{name}"
+        assert isinstance(model, BundleModel), f"{name} must ship in inference/weights/{name}"
     return models  # type: ignore[return-value]
 
 
@@ -50,20 +50,23 @@ def refs() -> list[InstanceRef]:
 
 
 @pytest.mark.parametrize("name", CHEST)
-def test_bundle_ships_in_the_package_and_is_small(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+def test_bundle_ships_in_the_package_and_is_small(name: str, shipped: dict[str, BundleModel]) -> None:
     model = shipped[name]
     assert model.path == SHIPPED_DIR / name
     for file in ("model.keras", "model.json", "model.tflite", "gate_stats.npz", "domain_gate.tflite"):
         size = (model.path / file).stat().st_size
         assert 0 < size < 5_000_000, f"{file}: {size} bytes"
-    assert model.info.version == VERSIONS[name] and model.modality_kind == "chest"
+    assert model.modality_kind == "chest"
     assert {o.finding for o in model.metadata.outputs} <= set(FINDING_CODES)
-    assert (REPO / "inference" / "cards" / f"{name}.md").is_file()
+    # the version is a release decision kept in model.json: its changelog and the card's title follow it
+    assert model.metadata.changelog[0].version == model.info.version
+    card = (model.path / "card.md").read_text()
+    assert card.startswith(f"# Model card: {name} {model.info.version} ")
 
 
 @pytest.mark.parametrize("name", CHEST)
 def test_real_dicom_files_through_the_pipeline(
-    name: str, shipped: dict[str, KerasBundleModel], refs: list[InstanceRef]
+    name: str, shipped: dict[str, BundleModel], refs: list[InstanceRef]
 ) -> None:
     results = {r.instance.path.name: r for r in run_model(shipped[name], refs, with_heatmap=True)}
     r = results["cr_chest_jpegls.dcm"]  # a real PA chest CR of another vendor
@@ -79,7 +82,7 @@ def test_real_dicom_files_through_the_pipeline(
 
 
 @pytest.mark.parametrize("name", CHEST)
-def test_gate_refuses_every_out_of_domain_probe(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+def test_gate_refuses_every_out_of_domain_probe(name: str, shipped: dict[str, BundleModel]) -> None:
     """Hip CR crops, drawn knees, pages, noise, gradients, fundus photographs (seeded, unlike the card's)."""
     probes = probe_images(DICOM_DIR.parent, seed=3)
     assert "crops of the hip CR" in probes and "fundus photo, gray" in probes
@@ -89,14 +92,14 @@ def test_gate_refuses_every_out_of_domain_probe(name: str, shipped: dict[str, Ke
 
 
 @pytest.mark.parametrize("name", CHEST)
-def test_deterministic_across_instances(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+def test_deterministic_across_instances(name: str, shipped: dict[str, BundleModel]) -> None:
     image = load_dicom_image(shared_dicom("cr_chest_jpegls.dcm"))
     first = shipped[name].probabilities([image, image])
-    again = KerasBundleModel(shipped[name].path).probabilities([image])
+    again = BundleModel(shipped[name].path).probabilities([image])
     assert np.array_equal(first[0], first[1]) and np.array_equal(first[0], again[0])
 
 
-def test_pneumonia_subtypes_only_with_pneumonia(shipped: dict[str, KerasBundleModel]) -> None:
+def test_pneumonia_subtypes_only_with_pneumonia(shipped: dict[str, BundleModel]) -> None:
     model = shipped["pneumonia"]
     images = [load_dicom_image(shared_dicom(n)) for n in ("dx_chest_small.dcm", "cr_chest_jpegls.dcm")]
     for findings in model.predict(images):
@@ -107,7 +110,7 @@ def test_pneumonia_subtypes_only_with_pneumonia(shipped: dict[str, KerasBundleMo
         assert subtypes == (1 if by["pneumonia"].present else 0)
 
 
-def test_covid19_findings(shipped: dict[str, KerasBundleModel]) -> None:
+def test_covid19_findings(shipped: dict[str, BundleModel]) -> None:
     [findings] = shipped["covid19"].predict([load_dicom_image(shared_dicom("dx_chest_small.dcm"))])
     assert [f.name for f in findings] == ["covid19", "viral_pneumonia"]
     assert sum(f.probability for f in findings) <= 1.0 + 1e-9
@@ -115,7 +118,7 @@ def test_covid19_findings(shipped: dict[str, KerasBundleModel]) -> None:
 
 
 @pytest.mark.parametrize("name", CHEST)
-def test_gate_rejects_synthetic_non_chest_images(name: str, shipped: dict[str, KerasBundleModel]) -> None:
+def test_gate_rejects_synthetic_non_chest_images(name: str, shipped: dict[str, BundleModel]) -> None:
     rng = np.random.default_rng(11)
     images = [rng.random((300, 300), dtype=np.float32), document(rng), np.full((200, 200), 0.5, np.float32)]
     for a in assess(shipped[name], images):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.gate import GateBounds, check_consistency, is_colour, measure
+from inference.gates.rules import GateBounds, check_consistency, is_colour, measure
 from inference.preprocess import load_dicom_image, load_image_file
 from tests.inference.conftest import DATA_DIR, shared_dicom
 

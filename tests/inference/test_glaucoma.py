@@ -12,9 +12,9 @@ import pydicom
 import pytest
 
 from core.domain import InstanceRef
-from inference.base import assess, run_model
-from inference.bundle import KerasBundleModel
-from inference.fundus import crop_disc, input_kind, locate_disc, place_on_image
+from inference.bundle import BundleModel
+from inference.model import assess, run_model
+from inference.optic_disc import crop_disc, input_kind, locate_disc, place_on_image
 from inference.preprocess import load_image_file
 from inference.registry import SHIPPED_DIR, ModelRegistry
 from tests import factories
@@ -32,9 +32,9 @@ def samples() -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def glaucoma() -> KerasBundleModel:
+def glaucoma() -> BundleModel:
     model = ModelRegistry().get("glaucoma")
-    assert isinstance(model, KerasBundleModel), "the glaucoma bundle must ship in inference/weights/glaucoma"
+    assert isinstance(model, BundleModel), "the glaucoma bundle must ship in inference/weights/glaucoma"
     return model
 
 
@@ -51,7 +51,7 @@ def test_localiser_finds_the_disc_inside_the_true_disc(
     image = load_image_file(DISC_SAMPLES / row["fundus"])
     assert image.shape[:2] == (int(row["h"]), int(row["w"]))  # the box and mask are in resized pixels
     loc = locate_disc(image)
-    mask = cv2.imread(str(DISC_SAMPLES / row["od_mask"]), cv2.IMREAD_GRAYSCALE) > 0
+    mask = np.asarray(cv2.imread(str(DISC_SAMPLES / row["od_mask"]), cv2.IMREAD_GRAYSCALE)) > 0
     assert loc.kind == "full"
     assert mask[int(loc.cy), int(loc.cx)], (sample, loc, row["od_cx"], row["od_cy"])
 
@@ -88,7 +88,7 @@ def test_shipped_bundle_is_small_and_declares_the_disc_adapter() -> None:
     assert size < 8_000_000
 
 
-def test_shipped_model_on_shared_dicom_files(glaucoma: KerasBundleModel) -> None:
+def test_shipped_model_on_shared_dicom_files(glaucoma: BundleModel) -> None:
     refs = [_ref(shared_dicom(n)) for n in ("sc_fundus_j2k.dcm", "dx_chest_small.dcm", "cr_hip_rle.dcm")]
     fundus, chest, hip = run_model(glaucoma, refs, with_heatmap=True)
     assert fundus.assessable, fundus.reason
@@ -106,7 +106,7 @@ def load_image_file_shape(path: Path) -> tuple[int, int]:
     return int(ds.Rows), int(ds.Columns)
 
 
-def test_shipped_model_on_an_op_dataset_and_its_disc_crop(glaucoma: KerasBundleModel, tmp_path: Path) -> None:
+def test_shipped_model_on_an_op_dataset_and_its_disc_crop(glaucoma: BundleModel, tmp_path: Path) -> None:
     path = factories.save(factories.ophthalmic_photo(), tmp_path / "op.dcm")
     (result,) = run_model(glaucoma, [_ref(path)])
     assert result.assessable, result.reason
@@ -119,7 +119,7 @@ def test_shipped_model_on_an_op_dataset_and_its_disc_crop(glaucoma: KerasBundleM
     assert 0.0 <= on_crop[0].probability <= 1.0
 
 
-def test_shipped_model_is_deterministic(glaucoma: KerasBundleModel) -> None:
+def test_shipped_model_is_deterministic(glaucoma: BundleModel) -> None:
     images = [factories.fundus_rgb(512, index=i).astype(np.float32) / 255 for i in range(3)]
     first = glaucoma.probabilities(images)
     again = glaucoma.probabilities([im.copy() for im in images])
@@ -127,7 +127,7 @@ def test_shipped_model_is_deterministic(glaucoma: KerasBundleModel) -> None:
     np.testing.assert_allclose(glaucoma.probabilities(images[:1])[0], first[0], rtol=1e-5, atol=1e-6)
 
 
-def test_gate_rejects_other_pictures(glaucoma: KerasBundleModel) -> None:
+def test_gate_rejects_other_pictures(glaucoma: BundleModel) -> None:
     rng = np.random.default_rng(0)
     noise = rng.random((384, 384, 3), dtype=np.float32)
     page = np.full((512, 384, 3), 0.95, np.float32)
@@ -152,7 +152,7 @@ def _fake_fundus(rng: np.random.Generator, positive: bool, size: int = 192) -> n
 
 
 def test_training_recipe_end_to_end_on_a_tiny_dataset(tmp_path: Path) -> None:
-    from inference.train import TrainConfig, get_recipe
+    from training.recipes import TrainConfig, get_recipe
 
     data = tmp_path / "fundus"
     rng = np.random.default_rng(0)
@@ -170,7 +170,6 @@ def test_training_recipe_end_to_end_on_a_tiny_dataset(tmp_path: Path) -> None:
     config = TrainConfig(
         data=data,
         out_dir=tmp_path / "bundle",
-        card_path=tmp_path / "card" / "glaucoma.md",
         epochs=1,
         extra={"members": 2, "members_dir": tmp_path / "members"},
     )
@@ -178,21 +177,22 @@ def test_training_recipe_end_to_end_on_a_tiny_dataset(tmp_path: Path) -> None:
     assert json.loads((bundle / "model.json").read_text())["training"]["members"] == 2
     saved = sorted(p.name for p in (tmp_path / "members").glob("*.keras"))
     assert saved == ["member0.keras", "member1.keras"]
-    model = KerasBundleModel(bundle)
+    model = BundleModel(bundle)
     assert model.metadata.preprocess == "fundus-disc"
     image = cv2.cvtColor(_fake_fundus(rng, True), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
     (findings,) = model.predict([image])
     assert 0.0 <= findings[0].probability <= 1.0
-    card = (tmp_path / "card" / "glaucoma.md").read_text()
+    card = (bundle / "card.md").read_text()
     assert "Research use only" in card and "Youden" in card
-    assert (tmp_path / "card" / "glaucoma_roc.png").is_file()
+    assert card.startswith(f"# Model card: glaucoma {model.info.version}")
+    assert (bundle / "roc.png").is_file()
 
 
 def test_ensemble_network_averages_the_members_logits() -> None:
     import keras
 
-    from inference.evaluate import logit
-    from inference.models.glaucoma import build_network, ensemble_network, predict_crops
+    from training.cards.metrics import logit
+    from training.glaucoma.network import build_network, ensemble_network, predict_crops
 
     members = []
     for seed in (1, 2, 3):
@@ -205,9 +205,9 @@ def test_ensemble_network_averages_the_members_logits() -> None:
     assert ensemble.get_layer("features").output.shape[-1] == 3 * 8
 
 
-def test_gate_refuses_every_synthetic_out_of_domain_probe(glaucoma: KerasBundleModel) -> None:
+def test_gate_refuses_every_synthetic_out_of_domain_probe(glaucoma: BundleModel) -> None:
     """Colour noise, pages and photo-like scenes of another seed than the model card's: none may pass."""
-    from inference.glaucoma_report import synthetic_ood
+    from training.glaucoma.evaluation import synthetic_ood
 
     assert glaucoma.metadata.domain_gate is not None and glaucoma.metadata.domain_gate.channels == 3
     for kind, images in synthetic_ood(seed=5, n=20).items():

@@ -1,4 +1,4 @@
-"""Tiny, untrained Keras bundles with fixed seeds, for tests only (never shipped).
+"""Tiny, untrained bundles (Keras, exported to TFLite as training does) with fixed seeds, for tests only.
 
 Other test packages (end-to-end) build the same bundles with :func:`make_tiny_bundles`.
 """
@@ -28,6 +28,7 @@ def tiny_metadata(name: str) -> dict[str, Any]:
         "input_size": TINY_INPUT_SIZE,
         "channels": channels,
         "outputs": [{"finding": f, "index": i, "threshold": 0.5} for i, f in enumerate(findings)],
+        "heatmap": {"layers": ["conv"], "heads": ["head"]},
     }
 
 
@@ -35,7 +36,7 @@ def make_tiny_bundles(root: Path) -> Path:
     """Write one bundle per :data:`TINY_MODELS` entry under ``root/<name>/``; returns ``root``."""
     import keras
 
-    from inference.bundle import write_bundle
+    from training.export import write_bundle
 
     root = Path(root)
     for seed, name in enumerate(sorted(TINY_MODELS)):
@@ -43,8 +44,8 @@ def make_tiny_bundles(root: Path) -> Path:
         keras.utils.set_random_seed(1000 + seed)
         inputs = keras.Input((TINY_INPUT_SIZE, TINY_INPUT_SIZE, channels))
         x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        outputs = keras.layers.Dense(len(findings), activation="sigmoid")(x)
+        x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+        outputs = keras.layers.Dense(len(findings), activation="sigmoid", name="head")(x)
         model = keras.Model(inputs, outputs, name=f"tiny_{name}")
         write_bundle(root / name, model, tiny_metadata(name))
     return root

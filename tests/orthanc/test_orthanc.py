@@ -77,7 +77,7 @@ class Setup:
         found = self.api.studies.lookup(study_uid)
         if not found:
             return []
-        out = []
+        out: list[pydicom.Dataset] = []
         for instance_id in self.api.studies.get_instances_ids(found):
             ds = pydicom.dcmread(io.BytesIO(self.api.instances.get_file(instance_id)))
             if str(ds.SOPClassUID).startswith(SR_PREFIX) and ds.get("Manufacturer") == "screening-gateway":

@@ -1,0 +1,145 @@
+"""Training recipes end to end on a tiny synthetic dataset, the recipe registry and the splits."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.bundle import BundleModel
+from training import recipes as T
+from training.cards.metrics import DISCLAIMER
+from training.data import split_indices
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _chest_like(rng: np.random.Generator, sick: bool) -> np.ndarray:
+    """A gray 160 px 'radiograph': two dark lung fields in a bright body; pneumonia adds bright blotches."""
+    img = np.full((160, 160), 170, dtype=np.uint8)
+    cv2.ellipse(img, (52, 80), (28, 55), 0, 0, 360, 60, -1)
+    cv2.ellipse(img, (108, 80), (28, 55), 0, 0, 360, 60, -1)
+    if sick:
+        for _ in range(3):
+            centre = (int(rng.integers(35, 125)), int(rng.integers(40, 120)))
+            cv2.circle(img, centre, int(rng.integers(8, 16)), 150, -1)
+    noisy = img.astype(np.float32) + rng.normal(0, 8, img.shape)
+    return np.clip(cv2.GaussianBlur(noisy, (0, 0), 1.5), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_pneumonia_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pneumonia-data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        label, subtype = ("normal", "normal") if i % 3 == 0 else ("pneumonia", ("bacteria", "virus")[i % 2])
+        rel = f"images/{label}/img{i:03d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / rel), _chest_like(rng, label != "normal"))
+        rows.append({"path": rel, "label": label, "subtype": subtype, "patient_key": f"P{i // 2:03d}"})
+    with open(root / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_recipes_are_registered() -> None:
+    found = T.recipes()
+    assert {"pneumonia", "covid19"} <= set(found)
+    with pytest.raises(KeyError, match="no training recipe"):
+        T.get_recipe("knee")
+
+
+def test_grouped_split_keeps_patients_apart_and_is_seeded() -> None:
+    y = np.array([0, 1] * 50)
+    groups = [f"p{i // 4}" for i in range(100)]
+    tr, va = split_indices(y, groups=groups, seed=3)
+    assert not {groups[i] for i in tr} & {groups[i] for i in va}
+    assert 0.1 < len(va) / len(y) < 0.3
+    assert np.array_equal(split_indices(y, groups=groups, seed=3)[1], va)
+    tr2, va2 = split_indices(y, seed=3)
+    assert len(va2) == 20 and y[va2].sum() == 10 and not set(tr2) & set(va2)
+
+
+def gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env={**os.environ, "GATEWAY_TRAIN_QUIET": "1", **(env or {})},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pneumonia_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pneumonia bundle trained for one epoch by `gateway train` (card beside it)."""
+    out = tmp_path_factory.mktemp("trained") / "pneumonia"
+    proc = gateway("train", "pneumonia", "--data", str(tiny_pneumonia_data), "--epochs", "1", "--seed", "5",
+                   "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}" in proc.stdout
+    return out
+
+
+def test_train_pneumonia_end_to_end(trained: Path, tiny_pneumonia_data: Path) -> None:
+    assert {"model.json", "model.keras", "model.tflite", "gate_stats.npz", "domain_gate.tflite"} <= {
+        p.name for p in trained.iterdir()
+    }
+    meta = json.loads((trained / "model.json").read_text())
+    assert meta["domain_gate"]["file"] == "domain_gate.tflite" and 0 <= meta["domain_gate"]["min_score"] < 1
+    assert meta["training"]["seed"] == 5 and meta["training"]["epochs_run"] == 1
+    assert [o["finding"] for o in meta["outputs"]] == ["pneumonia", "bacterial_pneumonia", "viral_pneumonia"]
+    assert meta["version"] == json.loads((T.WEIGHTS_DIR / "pneumonia" / "model.json").read_text())["version"]
+    card = (trained / "card.md").read_text()
+    assert DISCLAIMER in card and "![ROC](roc.png)" in card and f"pneumonia {meta['version']}" in card
+    assert (trained / "calibration.png").is_file()
+    assert "gateway train pneumonia" in card and "--seed 5" in card and "patient_key" in card
+
+    model = BundleModel(trained)
+    image = cv2.imread(str(tiny_pneumonia_data / "images" / "normal" / "img000.png"), cv2.IMREAD_GRAYSCALE)
+    assert image is not None
+    probabilities = model.probabilities([image.astype(np.float32) / 255.0])
+    assert probabilities.shape == (1, 3) and np.all((probabilities >= 0) & (probabilities <= 1))
+    assert probabilities[0, 1] + probabilities[0, 2] == pytest.approx(1.0)
+
+
+def test_gateway_evaluate_prints_metrics(trained: Path, tiny_pneumonia_data: Path) -> None:
+    proc = gateway(
+        "evaluate", "pneumonia", "--data", str(tiny_pneumonia_data / "labels.csv"),
+        env={"GATEWAY_INFERENCE__MODEL_DIRS": str(trained)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["model"] == "pneumonia" and result["n"] == 40
+    assert result["assessable"] + len(result["rejected"]) == 40
+    assert gateway("evaluate", "knee", "--data", str(tiny_pneumonia_data)).returncode == 2
+
+
+def test_combine_covid_averages_the_members() -> None:
+    """The covid19 bundle network: mean of the members' softmax, the smaller member fed a resized input."""
+    import keras
+    import tensorflow as tf
+
+    from training.chest.network import build_covid_net, combine_covid
+
+    keras.utils.set_random_seed(3)
+    small, large = build_covid_net(3, 32), build_covid_net(4, 40)
+    combined = combine_covid([large, small])
+    assert combined.input_shape[1] == 40
+    # heatmap and gate use the large member's layers
+    assert combined.get_layer("last_conv") is large.get_layer("last_conv")
+    x = np.random.default_rng(0).random((3, 40, 40, 1)).astype(np.float32)
+    resized = tf.image.resize(x, (32, 32), method="bilinear")
+    expected = (np.asarray(large(x, training=False)) + np.asarray(small(resized, training=False))) / 2
+    np.testing.assert_allclose(np.asarray(combined(x, training=False)), expected, atol=1e-5)

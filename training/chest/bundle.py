@@ -58,8 +58,7 @@ def covid_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
 def finish_pneumonia(
     config: T.TrainConfig, net: Any, history: dict, rows: list, x: np.ndarray, y: np.ndarray, tr: Any, va: Any
 ) -> Path:
-    raw, feats_va = predict_with_features(net, x[va], layers=GATE_LAYERS)
-    _, feats_tr = predict_with_features(net, x[tr], layers=GATE_LAYERS)
+    raw, feats_tr, feats_va = _outputs_and_embeddings(net, x, tr, va)
     yv = y[va]
     t_pn = E.fit_temperature(E.logit(raw[:, 0]), yv[:, 0])
     pos = yv[:, 0] == 1
@@ -113,8 +112,7 @@ def finish_pneumonia(
 def finish_covid19(
     config: T.TrainConfig, net: Any, history: dict, rows: list, x: np.ndarray, y: np.ndarray, tr: Any, va: Any
 ) -> Path:
-    raw, feats_va = predict_with_features(net, x[va], layers=GATE_LAYERS)
-    _, feats_tr = predict_with_features(net, x[tr], layers=GATE_LAYERS)
+    raw, feats_tr, feats_va = _outputs_and_embeddings(net, x, tr, va)
     yv = y[va]
     logp = np.log(np.clip(raw, 1e-7, 1))
     temperature = E.fit_temperature(logp, yv)
@@ -233,6 +231,15 @@ def _labelled(data: Path) -> tuple[list[Path], list[str], list[str]]:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+
+
+def _outputs_and_embeddings(
+    net: Any, x: np.ndarray, tr: Any, va: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw validation outputs, and the gate embeddings of the training and validation images."""
+    raw, feats_va = predict_with_features(net, x[va], layers=GATE_LAYERS)
+    _, feats_tr = predict_with_features(net, x[tr], layers=GATE_LAYERS)
+    return raw, feats_tr, feats_va
 
 
 def _write(config: T.TrainConfig, net: Any, metadata: dict, gate: FeatureGate, domain: DomainFit) -> Path:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from core.db import make_engine, make_sessionmaker  # noqa: E402
 from core.migrate import upgrade  # noqa: E402
-from core.settings import DicomSettings  # noqa: E402
+from core.settings import DicomSettings, Settings  # noqa: E402
 from core.storage import Storage, write_atomic  # noqa: E402
 from dicom_listener.server import TRANSFER_SYNTAXES, serve  # noqa: E402
 from tests.peers import SHARED_DICOM, free_port, stop, wait_port  # noqa: E402
@@ -157,7 +157,9 @@ def main() -> None:
             storage = Storage(folder / "storage")
             storage.prepare()
             listener = serve(
-                DicomSettings(host="127.0.0.1", port=0, ae_title="BENCH"), storage, make_sessionmaker(engine)
+                Settings(dicom=DicomSettings(host="127.0.0.1", port=0, ae_title="BENCH")),
+                storage,
+                make_sessionmaker(engine),
             )
 
             def close() -> None:

@@ -141,6 +141,26 @@ class ReportingSettings(BaseModel):
     series_number: int = Field(9901, ge=1)
 
 
+class IngestSettings(BaseModel):
+    """What one instance may cost: checked at C-STORE and STOW before storage, again before decoding."""
+
+    #: Rows x Columns x Samples x Frames of one instance.
+    max_pixels: int = Field(400_000_000, ge=1)
+    #: Decoded pixel bytes of one instance (Rows x Columns x Samples x Frames x BitsAllocated / 8).
+    max_decoded_bytes: int = Field(1 << 30, ge=1)
+    #: Encoded size of one instance (bytes); larger ones are refused.
+    max_instance_bytes: int = Field(2 << 30, ge=1)
+    #: Deflated Explicit VR Little Endian: the inflated dataset may be at most this large.
+    max_inflated_bytes: int = Field(256 << 20, ge=1)
+    #: Sequences nested deeper than this are refused.
+    max_sequence_depth: int = Field(32, ge=1)
+
+
+class StorageSettings(BaseModel):
+    #: Free space (bytes) kept on the storage volume: below it C-STORE answers 0xA700 and STOW 507.
+    reserve_bytes: int = Field(1 << 30, ge=0)
+
+
 class Settings(BaseSettings):
     """All configuration. Invalid values stop start-up with a message naming the setting."""
 
@@ -152,6 +172,8 @@ class Settings(BaseSettings):
     #: SQLAlchemy URL; default is a SQLite file in DATA_DIR. postgresql+psycopg://... works.
     database_url: str | None = None
     dicom: DicomSettings = DicomSettings()
+    ingest: IngestSettings = IngestSettings()
+    storage: StorageSettings = StorageSettings()
     http: HttpSettings = HttpSettings()
     completion: CompletionSettings = CompletionSettings()
     worker: WorkerSettings = WorkerSettings()

@@ -123,11 +123,27 @@ class Job(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     locked_by: Mapped[str | None] = mapped_column(String(64))
+    #: How often the job was taken over after its worker stopped renewing the lease (died, was killed):
+    #: a job that keeps killing its worker is quarantined (failed) after a bounded number of takeovers.
+    takeovers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_job_claim", "status", "priority", "next_attempt_at"),)
+
+
+class WorkerHeartbeat(Base):
+    """One row per live worker, refreshed while it runs: what ``/readyz`` reads to say workers are alive."""
+
+    __tablename__ = "worker_heartbeat"
+
+    worker_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class RoutingDecision(Base):

@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import DicomSettings
+from core.settings import DicomSettings, Settings
 from core.storage import Storage
 from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
 
@@ -64,8 +64,9 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
-def serve(settings: DicomSettings, storage: Storage, factory: sessionmaker[Session]) -> Listener:
+def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) -> Listener:
     """Start listening in background threads; returns a handle whose ``shutdown()`` stops it."""
+    settings = config.dicom
     studies = AssociationStudies()
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),

@@ -69,7 +69,7 @@ def serve(
     settings = _settings()
     rt = _runtime(settings, migrate=migrate)
     try:
-        listener = serve_dicom(settings.dicom, rt.storage, rt.factory)
+        listener = serve_dicom(settings, rt.storage, rt.factory)
     except OSError as exc:
         typer.echo(f"cannot listen on DICOM port {settings.dicom.port}: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -15,7 +15,7 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import DicomSettings
+from core.settings import DicomSettings, Settings
 from core.storage import Storage
 from core.tables import Instance, Series, Study
 from dicom_listener.server import Listener, serve
@@ -27,7 +27,7 @@ REAL_FILES = sorted(SHARED_DICOM.glob("*.dcm"))
 
 @pytest.fixture
 def listener(storage: Storage, factory: sessionmaker[Session]) -> Iterator[Listener]:
-    settings = DicomSettings(
+    dicom = DicomSettings(
         host="127.0.0.1",
         port=0,
         allowed_calling_aes=["MODALITY", "PYNETDICOM"],
@@ -35,7 +35,7 @@ def listener(storage: Storage, factory: sessionmaker[Session]) -> Iterator[Liste
         dimse_timeout=10,
         network_timeout=10,
     )
-    server = serve(settings, storage, factory)
+    server = serve(Settings(dicom=dicom), storage, factory)
     yield server
     server.shutdown()
 

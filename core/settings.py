@@ -82,6 +82,8 @@ class WorkerSettings(BaseModel):
     #: First retry delay for failed deliveries and jobs; doubles each attempt (with jitter) up to the cap.
     retry_base_seconds: float = Field(2.0, gt=0)
     retry_cap_seconds: float = Field(600.0, gt=0)
+    #: A job whose worker died (lease expired) this many times is quarantined: failed, never claimed again.
+    max_takeovers: int = Field(2, ge=0)
 
 
 class InferenceSettings(BaseModel):

@@ -77,10 +77,26 @@ class ImageResult:
 
 
 @dataclass(frozen=True)
+class DestinationTls:
+    """DICOM TLS (PS3.15 B.1) to one destination: TLS 1.2 or later, the peer's certificate always verified.
+
+    ``ca_certificates`` is the CA bundle (PEM) that signed the PACS certificate (None: the system's CAs);
+    ``certificate`` and ``private_key`` (PEM, both or neither) are ours, for a PACS that requires client
+    certificates; ``verify_hostname`` checks that the certificate names ``Destination.host``.
+    """
+
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    verify_hostname: bool = True
+
+
+@dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives our reports (C-STORE SCP)."""
+    """A DICOM peer that receives our reports (C-STORE SCP); over TLS when ``tls`` is set."""
 
     name: str
     ae_title: str
     host: str
     port: int
+    tls: DestinationTls | None = None

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-from core.domain import Destination
+from core.domain import Destination, DestinationTls
 
 #: Passwords nobody may run a hospital service with.
 WEAK_SECRETS = {"", "postgres", "password", "changeme", "change-me", "secret", "orthanc", "gateway", "admin"}
@@ -24,6 +24,14 @@ def _check_ae_title(value: str) -> str:
     if not value or len(value) > 16 or not set(value) <= _AE_CHARS:
         raise ValueError(f"AE title {value!r} must be 1-16 characters of letters, digits, space, _ - .")
     return value
+
+
+def _pem_file(value: object, what: str) -> Path:
+    """A PEM file named in the settings; it must exist now, not at the first association."""
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{what}: {path} does not exist or is not a file")
+    return path
 
 
 def _env_list(value: object, separator: str = ",") -> object:
@@ -46,10 +54,45 @@ class DicomSettings(BaseModel):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     maximum_associations: int = Field(16, ge=1, le=256)
+    #: DICOM TLS (PS3.15 B.1, TLS 1.2 or later) on this second port, besides the plain one; unset: no TLS.
+    tls_port: int | None = Field(None, ge=0, le=65535)  # 0: any free port (tests)
+    #: Our certificate (PEM, may hold the chain) and its unencrypted private key (PEM); needed with TLS_PORT.
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    #: CA bundle (PEM) that client certificates are verified against (when a client presents one).
+    tls_ca_certificates: Path | None = None
+    #: Refuse TLS clients without a certificate signed by TLS_CA_CERTIFICATES.
+    tls_require_client_certificate: bool = False
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
     _split = field_validator("allowed_calling_aes", mode="before")(classmethod(lambda cls, v: _env_list(v)))
+
+    @model_validator(mode="after")
+    def _tls(self) -> DicomSettings:
+        var = "GATEWAY_DICOM__"
+        files = {
+            "TLS_CERTIFICATE": self.tls_certificate,
+            "TLS_PRIVATE_KEY": self.tls_private_key,
+            "TLS_CA_CERTIFICATES": self.tls_ca_certificates,
+        }
+        if self.tls_port is None:
+            named = [var + k for k, v in files.items() if v]
+            if self.tls_require_client_certificate:
+                named.append(var + "TLS_REQUIRE_CLIENT_CERTIFICATE")
+            if named:
+                raise ValueError(f"{', '.join(named)} set but {var}TLS_PORT is not: TLS would be off")
+            return self
+        if self.tls_port and self.tls_port == self.port:
+            raise ValueError(f"{var}TLS_PORT must differ from {var}PORT")
+        if self.tls_certificate is None or self.tls_private_key is None:
+            raise ValueError(f"{var}TLS_PORT needs {var}TLS_CERTIFICATE and {var}TLS_PRIVATE_KEY")
+        if self.tls_require_client_certificate and self.tls_ca_certificates is None:
+            raise ValueError(f"{var}TLS_REQUIRE_CLIENT_CERTIFICATE needs {var}TLS_CA_CERTIFICATES")
+        for key, path in files.items():
+            if path is not None:
+                _pem_file(path, var + key)
+        return self
 
 
 class HttpSettings(BaseModel):
@@ -163,6 +206,45 @@ class StorageSettings(BaseModel):
     reserve_bytes: int = Field(1 << 30, ge=0)
 
 
+_DESTINATION_KEYS = {"name", "ae_title", "host", "port"}
+#: Optional keys of a destination: "tls": true turns DICOM TLS on; the files are PEM.
+DESTINATION_TLS_KEYS = {
+    "tls",
+    "tls_ca_certificates",
+    "tls_certificate",
+    "tls_private_key",
+    "tls_verify_hostname",
+}
+
+
+def _destination_tls(item: dict[str, object]) -> DestinationTls | None:
+    """The TLS part of one destination of GATEWAY_DESTINATIONS; its files must exist at start-up."""
+    name = item["name"]
+    tls = item.get("tls", False)
+    if not isinstance(tls, bool):
+        raise ValueError(f"destination {name!r}: tls must be true or false")
+    if not tls:
+        extra = sorted(k for k in DESTINATION_TLS_KEYS - {"tls"} if k in item)
+        if extra:
+            raise ValueError(f'destination {name!r}: {", ".join(extra)} given without "tls": true')
+        return None
+    files: dict[str, Path | None] = {}
+    for key in ("tls_ca_certificates", "tls_certificate", "tls_private_key"):
+        given = item.get(key)
+        files[key] = _pem_file(given, f"destination {name!r}: {key}") if given else None
+    if (files["tls_certificate"] is None) != (files["tls_private_key"] is None):
+        raise ValueError(f"destination {name!r}: tls_certificate and tls_private_key go together")
+    verify_hostname = item.get("tls_verify_hostname", True)
+    if not isinstance(verify_hostname, bool):
+        raise ValueError(f"destination {name!r}: tls_verify_hostname must be true or false")
+    return DestinationTls(
+        ca_certificates=files["tls_ca_certificates"],
+        certificate=files["tls_certificate"],
+        private_key=files["tls_private_key"],
+        verify_hostname=verify_hostname,
+    )
+
+
 class Settings(BaseSettings):
     """All configuration. Invalid values stop start-up with a message naming the setting."""
 
@@ -183,7 +265,8 @@ class Settings(BaseSettings):
     reporting: ReportingSettings = ReportingSettings()
     routing: RoutingSettings = RoutingSettings()
     orthanc: OrthancSettings = OrthancSettings()
-    #: JSON list of {"name","ae_title","host","port"}: where reports are sent.
+    #: JSON list of {"name","ae_title","host","port"} (optionally "tls": true and the tls_* keys of
+    #: DESTINATION_TLS_KEYS): where reports are sent.
     destinations: Annotated[list[Destination], NoDecode] = []
     log_level: str = "INFO"
     #: "production" refuses to start with missing or well-known secrets; "development" allows them.
@@ -204,8 +287,15 @@ class Settings(BaseSettings):
             if isinstance(item, Destination):
                 out.append(item)
                 continue
-            if not isinstance(item, dict) or set(item) != {"name", "ae_title", "host", "port"}:
-                raise ValueError(f"each destination needs exactly name, ae_title, host, port; got {item!r}")
+            if (
+                not isinstance(item, dict)
+                or not set(item) >= _DESTINATION_KEYS
+                or not set(item) <= _DESTINATION_KEYS | DESTINATION_TLS_KEYS
+            ):
+                raise ValueError(
+                    "each destination needs exactly name, ae_title, host, port, optionally "
+                    f"{', '.join(sorted(DESTINATION_TLS_KEYS))}; got {item!r}"
+                )
             port = int(item["port"])
             if not 1 <= port <= 65535:
                 raise ValueError(f"destination {item['name']!r}: port {port} out of range")
@@ -215,6 +305,7 @@ class Settings(BaseSettings):
                     ae_title=_check_ae_title(str(item["ae_title"])),
                     host=str(item["host"]),
                     port=port,
+                    tls=_destination_tls(item),
                 )
             )
         names = [d.name for d in out]

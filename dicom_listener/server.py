@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.settings import DicomSettings, Settings
 from core.storage import Storage
 from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
+from dicom_listener.tls import start_tls_server
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,21 @@ TRANSFER_SYNTAXES = [
 class Listener:
     ae: AE
     server: ThreadedAssociationServer
+    #: The DICOM TLS server (GATEWAY_DICOM__TLS_PORT), sharing the AE and its association limit.
+    tls_server: ThreadedAssociationServer | None = None
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        return None if self.tls_server is None else int(self.tls_server.server_address[1])
+
     def shutdown(self) -> None:
         self.server.shutdown()
+        if self.tls_server is not None:
+            self.tls_server.shutdown()
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -76,6 +85,13 @@ def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) ->
     ae = build_ae(settings)
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
     assert server is not None
+    tls_server = None
+    if settings.tls_port is not None:
+        try:
+            tls_server = start_tls_server(ae, settings, handlers)
+        except Exception:
+            server.shutdown()
+            raise
     log.info(
         "DICOM listener %s on %s:%d (%s)",
         settings.ae_title,
@@ -85,4 +101,4 @@ def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) ->
         if settings.allowed_calling_aes
         else "any AE",
     )
-    return Listener(ae, server)
+    return Listener(ae, server, tls_server)

@@ -70,6 +70,9 @@ def serve(
     rt = _runtime(settings, migrate=migrate)
     try:
         listener = serve_dicom(settings, rt.storage, rt.factory)
+    except SettingsError as exc:  # a TLS certificate or key that does not load
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"cannot listen on DICOM port {settings.dicom.port}: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -14,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
-from core.domain import Destination
+from core.domain import Destination, DestinationTls
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,53 @@ def classify_status(status: int) -> Outcome:
     return "dead"
 
 
+class _TlsSocket(ssl.SSLSocket):
+    """Tells its context why the handshake or a read failed; pynetdicom only logs it and reports no link."""
+
+    def connect(self, addr: Any) -> None:
+        try:
+            super().connect(addr)
+        except OSError as exc:
+            self._remember(exc)
+            raise
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except ssl.SSLError as exc:  # e.g. the peer's alert: certificate required, unknown CA
+            self._remember(exc)
+            raise
+
+    def _remember(self, exc: OSError) -> None:
+        context = self.context
+        if isinstance(context, TlsContext) and context.failure is None:
+            context.failure = str(exc) or type(exc).__name__
+
+
+class TlsContext(ssl.SSLContext):
+    """The client context of one association; ``failure`` says why TLS failed, if it did."""
+
+    sslsocket_class = _TlsSocket
+    failure: str | None = None
+
+
+def tls_context(tls: DestinationTls) -> TlsContext:
+    """A client context for DICOM TLS (PS3.15 B.1): TLS 1.2 or later, the peer's certificate verified against
+    ``tls.ca_certificates`` (else the system's CAs), its host name checked unless ``tls.verify_hostname`` is
+    false, our own certificate presented when given. Raises ``OSError``/``ValueError`` for unloadable files.
+    """
+    context = TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.verify_hostname
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(cafile=tls.ca_certificates)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if tls.certificate is not None:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    return context
+
+
 def send_cstore(
     path: Path, destination: Destination, *, calling_ae: str = "GATEWAY", timeout: float = 30.0
 ) -> DeliveryResult:
@@ -55,9 +103,12 @@ def send_cstore(
 
     Requests one presentation context: the file's SOP class with its transfer syntax (plus the other
     little endian one when uncompressed, pynetdicom converts). TCP connect, ACSE, DIMSE and network
-    timeouts are all ``timeout`` seconds.
+    timeouts are all ``timeout`` seconds. With ``destination.tls`` the association runs over TLS
+    (:func:`tls_context`).
 
     - no connection, association rejected or aborted, timeout, no C-STORE response, socket error -> retry
+    - TLS files that do not load, a failed handshake (certificate not trusted, wrong host name, our
+      certificate refused) -> retry, the TLS error in the detail (an administrator fixes certificates)
     - presentation context not accepted -> dead (the peer will not take this SOP class/syntax)
     - a C-STORE response status -> :func:`classify_status`
     - unreadable file -> dead
@@ -82,8 +133,18 @@ def send_cstore(
     ae.network_timeout = timeout
     ae.add_requested_context(sop_class, syntaxes)
 
+    context: TlsContext | None = None
+    if destination.tls is not None:
+        try:
+            context = tls_context(destination.tls)
+        except (OSError, ValueError) as exc:
+            return DeliveryResult("retry", None, f"TLS settings of destination {destination.name!r}: {exc}")
+    tls_args = None if context is None else (context, destination.host)
+
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        )
     except OSError as exc:
         return DeliveryResult("retry", None, f"cannot associate with {peer}: {exc}")
     try:
@@ -97,6 +158,8 @@ def send_cstore(
                 why = "association aborted"
             else:
                 why = "no association (connection refused or timed out)"
+            if context is not None and context.failure:
+                return DeliveryResult("retry", None, f"TLS with {peer} failed: {context.failure}")
             return DeliveryResult("retry", None, f"{why} by {peer}")
         if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
             return DeliveryResult("dead", None, f"{peer} rejected the presentation context for {sop_class}")

@@ -15,12 +15,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import DicomSettings, Settings
 from core.storage import Storage
+from dicom_listener.admission import Gate
 from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
+from dicom_listener.transport import GuardedServer, start_server
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ TRANSFER_SYNTAXES = [
 @dataclass
 class Listener:
     ae: AE
-    server: ThreadedAssociationServer
+    server: GuardedServer
 
     @property
     def port(self) -> int:
@@ -54,6 +55,7 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
     ae.maximum_associations = settings.maximum_associations
+    ae.maximum_pdu_size = settings.maximum_pdu_size
     ae.require_called_aet = False
     if settings.allowed_calling_aes:
         ae.require_calling_aet = list(settings.allowed_calling_aes)
@@ -74,8 +76,8 @@ def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) ->
         (evt.EVT_CONN_CLOSE, handle_closed, [factory, studies]),
     ]
     ae = build_ae(settings)
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    assert server is not None
+    gate = Gate(settings)
+    server = start_server(ae, (settings.host, settings.port), gate, handlers)
     log.info(
         "DICOM listener %s on %s:%d (%s)",
         settings.ae_title,

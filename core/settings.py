@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -63,10 +64,27 @@ class DicomSettings(BaseModel):
     tls_ca_certificates: Path | None = None
     #: Refuse TLS clients without a certificate signed by TLS_CA_CERTIFICATES.
     tls_require_client_certificate: bool = False
+    #: Largest P-DATA-TF PDU we receive (the Maximum Length we announce, bytes); a longer one aborts.
+    maximum_pdu_size: int = Field(1 << 20, ge=4096, le=64 << 20)
+    #: Largest A-ASSOCIATE-RQ (or other non-data PDU), bytes; a longer one aborts before its body is read.
+    max_association_pdu: int = Field(64 << 10, ge=4096, le=16 << 20)
+    #: A new connection must deliver its whole A-ASSOCIATE-RQ within this many seconds (ARTIM), or is closed.
+    association_request_timeout: float = Field(10.0, gt=0)
+    #: Connections still waiting for their A-ASSOCIATE-RQ, all peers together; a new one displaces the oldest.
+    max_pending_connections: int = Field(64, ge=1)
+    #: Concurrent connections from one IP address outside trusted_networks (0: no limit).
+    max_connections_per_address: int = Field(8, ge=0)
+    #: Networks exempt from the per-address limit (CIDR, comma-separated or JSON), e.g. a PACS router.
+    trusted_networks: Annotated[list[IPvAnyNetwork], NoDecode] = [
+        IPv4Network("127.0.0.0/8"),
+        IPv6Network("::1/128"),
+    ]
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
-    _split = field_validator("allowed_calling_aes", mode="before")(classmethod(lambda cls, v: _env_list(v)))
+    _split = field_validator("allowed_calling_aes", "trusted_networks", mode="before")(
+        classmethod(lambda cls, v: _env_list(v))
+    )
 
     @model_validator(mode="after")
     def _tls(self) -> DicomSettings:

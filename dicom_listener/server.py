@@ -15,13 +15,14 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import DicomSettings, Settings
 from core.storage import Storage
+from dicom_listener.admission import Gate
 from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
-from dicom_listener.tls import start_tls_server
+from dicom_listener.tls import tls_context
+from dicom_listener.transport import GuardedServer, start_server
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ TRANSFER_SYNTAXES = [
 @dataclass
 class Listener:
     ae: AE
-    server: ThreadedAssociationServer
-    #: The DICOM TLS server (GATEWAY_DICOM__TLS_PORT), sharing the AE and its association limit.
-    tls_server: ThreadedAssociationServer | None = None
+    server: GuardedServer
+    #: The DICOM TLS server (GATEWAY_DICOM__TLS_PORT), sharing the AE, the gate and the association limit.
+    tls_server: GuardedServer | None = None
 
     @property
     def port(self) -> int:
@@ -63,6 +64,7 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
     ae.maximum_associations = settings.maximum_associations
+    ae.maximum_pdu_size = settings.maximum_pdu_size
     ae.require_called_aet = False
     if settings.allowed_calling_aes:
         ae.require_calling_aet = list(settings.allowed_calling_aes)
@@ -83,15 +85,20 @@ def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) ->
         (evt.EVT_CONN_CLOSE, handle_closed, [factory, studies]),
     ]
     ae = build_ae(settings)
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    assert server is not None
+    gate = Gate(settings)
+    server = start_server(ae, (settings.host, settings.port), gate, handlers)
     tls_server = None
     if settings.tls_port is not None:
         try:
-            tls_server = start_tls_server(ae, settings, handlers)
+            # Same gate: both ports share the per-address, pending-connection and association limits; the
+            # handshake runs in the connection's thread under the association-request deadline.
+            tls_server = start_server(
+                ae, (settings.host, settings.tls_port), gate, handlers, ssl_context=tls_context(settings)
+            )
         except Exception:
             server.shutdown()
             raise
+        log.info("DICOM TLS listener on %s:%d (TLS 1.2+)", settings.host, tls_server.server_address[1])
     log.info(
         "DICOM listener %s on %s:%d (%s)",
         settings.ae_title,

@@ -7,7 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import SessionDep
-from api.routes import dicomweb, studies
+from api.routes import dicomweb, health, studies
 from core.settings import Settings
 from core.storage import Storage
 from orthanc import webhook as orthanc_webhook
@@ -29,4 +29,5 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
     app.include_router(studies.router)
     app.include_router(orthanc_webhook.router)
     app.include_router(dicomweb.router)
+    app.include_router(health.router)
     return app

@@ -8,7 +8,15 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -132,8 +140,18 @@ class CompletionSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    #: In-process worker threads for `gateway serve` (0: none, use `gateway worker` processes).
-    threads: int = Field(2, ge=0, le=32)
+    #: Worker child processes `gateway serve` starts and restarts (0: none, run `gateway worker` processes
+    #: instead). GATEWAY_WORKER__THREADS, its name before workers became processes, is still accepted.
+    processes: int = Field(2, ge=0, le=32, validation_alias=AliasChoices("processes", "threads"))
+    #: Address-space limit (RLIMIT_AS, MB) of each worker process, so a decoder that runs away kills only
+    #: its worker; 0: no limit.
+    memory_limit_mb: int = Field(4096, ge=0)
+    #: How often a worker refreshes its worker_heartbeat row.
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    #: /readyz counts a worker alive while its heartbeat is younger than this.
+    heartbeat_timeout_seconds: float = Field(15.0, gt=0)
+    #: /readyz fails once the oldest due job has waited longer than this for a worker (0: no bound).
+    max_queue_wait_seconds: float = Field(600.0, ge=0)
     poll_seconds: float = Field(0.2, gt=0)
     #: A claimed job whose worker stopped renewing it is taken over after this long.
     lease_seconds: float = Field(300.0, gt=0)
@@ -145,6 +163,12 @@ class WorkerSettings(BaseModel):
     retry_cap_seconds: float = Field(600.0, gt=0)
     #: A job whose worker died (lease expired) this many times is quarantined: failed, never claimed again.
     max_takeovers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_order(self) -> WorkerSettings:
+        if self.heartbeat_timeout_seconds <= self.heartbeat_seconds:
+            raise ValueError("heartbeat_timeout_seconds must be longer than heartbeat_seconds")
+        return self
 
 
 class InferenceSettings(BaseModel):

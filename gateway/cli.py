@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -59,12 +62,13 @@ def serve(
         bool, typer.Option(help="Bring the database schema to the latest revision first.")
     ] = True,
 ) -> None:
-    """Run the DICOM listener, the HTTP API and (GATEWAY_WORKER__THREADS) workers in one process."""
+    """Run the DICOM listener and the HTTP API, and supervise GATEWAY_WORKER__PROCESSES worker processes."""
     import uvicorn
 
     from api.main import create_app
+    from core.heartbeat import remove_heartbeats
     from dicom_listener.server import serve as serve_dicom
-    from gateway.worker import start_threads
+    from gateway.supervisor import Supervisor, worker_command
 
     settings = _settings()
     rt = _runtime(settings, migrate=migrate)
@@ -76,7 +80,17 @@ def serve(
     except OSError as exc:
         typer.echo(f"cannot listen on DICOM port {settings.dicom.port}: {exc}", err=True)
         raise typer.Exit(1) from None
-    workers = start_threads(rt, settings.worker.threads)
+    host = socket.gethostname()[:255]
+
+    def forget_worker(pid: int) -> None:  # a killed worker could not remove its heartbeat row
+        remove_heartbeats(rt.factory, host=host, pid=pid)
+
+    workers = Supervisor(worker_command(os.getpid()), settings.worker.processes, on_exit=forget_worker)
+    # uvicorn hands SIGTERM/SIGINT back to the handler it found once it has stopped; this one unwinds through
+    # the finally below, so the workers are stopped in order instead of dying with serve.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
+    workers.start()
     config = uvicorn.Config(
         create_app(rt.factory, settings),
         host=settings.http.host,
@@ -87,18 +101,31 @@ def serve(
     try:
         uvicorn.Server(config).run()
     finally:
-        for w in workers:
-            w.stop.set()
         listener.shutdown()
+        workers.stop()
         rt.close()
 
 
+def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    log.info("%s: stopping", signal.Signals(signum).name)
+    raise SystemExit(0)
+
+
 @app.command()
-def worker() -> None:
+def worker(
+    parent_pid: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="Supervised by `gateway serve` (this pid): exit when it is gone."),
+    ] = None,
+) -> None:
     """Run one worker process (production: several, sharing the PostgreSQL job table)."""
+    from gateway.supervisor import die_with_parent, limit_memory
     from gateway.worker import Worker
 
     settings = _settings()
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+    limit_memory(settings.worker.memory_limit_mb)
     rt = _runtime(settings, migrate=False)
     w = Worker(rt)
     signal.signal(signal.SIGTERM, lambda *_: w.stop.set())

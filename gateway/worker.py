@@ -9,13 +9,16 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
+from core.heartbeat import record_heartbeat, remove_heartbeats
 from core.jobs import DELIVER, PROCESS_STUDY, PULL_ORTHANC_STUDY, ClaimedJob, PermanentError, Retry
+from core.tables import utcnow
 from dicom_listener.completion import complete_studies
 from gateway.delivery import deliver
 from gateway.orthanc_pull import pull_orthanc_study
@@ -87,12 +90,88 @@ class _LeaseKeeper:
                 return
 
 
+class _Heartbeat:
+    """The worker's ``worker_heartbeat`` row while its loop runs (``with``): refreshed by a daemon thread
+    every GATEWAY_WORKER__HEARTBEAT_SECONDS and as soon as the worker claims or finishes a job
+    (``current_job_id``), deleted when the loop stops cleanly. A worker that dies leaves a row that goes
+    stale: /readyz reads that as dead. A failed write (database briefly down) is logged and tried again at
+    the next beat."""
+
+    def __init__(self, factory: sessionmaker[Session], worker_id: str, *, interval: float) -> None:
+        self._factory = factory
+        self._worker_id = worker_id
+        self._interval = interval
+        self._started_at = utcnow()
+        self._job_id: int | None = None
+        self._wake = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        self._started_at = utcnow()
+        self._done.clear()
+        self._beat()  # visible before its first claim
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self._worker_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._interval)
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            return  # the loop died: the row goes stale, which is the truth
+        try:
+            remove_heartbeats(self._factory, worker_id=self._worker_id)
+        except Exception:
+            log.warning("worker %s: removing its heartbeat failed", self._worker_id, exc_info=True)
+
+    @contextmanager
+    def working_on(self, job_id: int) -> Iterator[None]:
+        """Report ``job_id`` as the current job until the block ends."""
+        self._set_job(job_id)
+        try:
+            yield
+        finally:
+            self._set_job(None)
+
+    def _set_job(self, job_id: int | None) -> None:
+        self._job_id = job_id
+        self._wake.set()  # the heartbeat thread writes it, off the worker's path
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._done.is_set():
+                return
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            record_heartbeat(
+                self._factory,
+                worker_id=self._worker_id,
+                started_at=self._started_at,
+                current_job_id=self._job_id,
+            )
+        except Exception:
+            log.warning("worker %s: heartbeat failed; retrying", self._worker_id, exc_info=True)
+
+
 class Worker:
     def __init__(self, rt: Runtime, *, name: str | None = None) -> None:
         self.rt = rt
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.stop = threading.Event()
         self._next_reconcile = 0.0
+        self._heartbeat = _Heartbeat(rt.factory, self.id, interval=rt.settings.worker.heartbeat_seconds)
 
     def run_once(self) -> bool:
         """One sweep and at most one job; True if a job ran."""
@@ -102,7 +181,8 @@ class Worker:
         job = jobs.claim(self.rt.factory, worker_id=self.id, lease_seconds=settings.worker.lease_seconds)
         if job is None:
             return False
-        self._run(job)
+        with self._heartbeat.working_on(job.id):
+            self._run(job)
         return True
 
     def _reconcile(self) -> None:
@@ -119,6 +199,11 @@ class Worker:
             log.warning("reconciler: %s", exc)
 
     def run_forever(self) -> None:
+        """Work until ``stop`` is set, keeping this worker's heartbeat row fresh meanwhile."""
+        with self._heartbeat:
+            self._loop()
+
+    def _loop(self) -> None:
         log.info("worker %s started", self.id)
         while not self.stop.is_set():
             try:
@@ -158,10 +243,3 @@ class Worker:
         else:
             if not jobs.complete(self.rt.factory, job.id, worker_id=self.id):
                 log.warning("job %d (%s) finished, but another worker had taken it over", job.id, job.kind)
-
-
-def start_threads(rt: Runtime, count: int) -> list[Worker]:
-    workers = [Worker(rt, name=f"{socket.gethostname()}:{os.getpid()}:w{i}") for i in range(count)]
-    for w in workers:
-        threading.Thread(target=w.run_forever, name=f"worker-{w.id}", daemon=True).start()
-    return workers

@@ -1,0 +1,181 @@
+"""/readyz against the real app on a real port, over SQLite and PostgreSQL: 503 without a live worker, with a
+due job waiting past the bound, or without a database; 200 with the workers and the queue otherwise. The
+workers are real: their heartbeat rows come from a running worker loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import uvicorn
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.main import create_app
+from core import jobs
+from core.db import make_engine, make_sessionmaker, transaction
+from core.heartbeat import record_heartbeat
+from core.settings import Settings, WorkerSettings
+from core.storage import Storage
+from core.tables import Job, WorkerHeartbeat, utcnow
+from gateway import worker as worker_module
+from gateway.runtime import Runtime
+from gateway.worker import Worker
+from tests.peers import free_port, wait_for
+
+HELD = "test_health_held"
+
+
+def _settings(tmp_path: Path, **worker: Any) -> Settings:
+    options: dict[str, Any] = {
+        "heartbeat_seconds": 0.2,
+        "heartbeat_timeout_seconds": 1.0,
+        "max_queue_wait_seconds": 30,
+        "poll_seconds": 0.05,
+        **worker,
+    }
+    return Settings(data_dir=tmp_path / "var", worker=WorkerSettings(**options))
+
+
+@contextmanager
+def _api(factory: sessionmaker[Session], settings: Settings) -> Iterator[str]:
+    """The HTTP API served by uvicorn on a free loopback port, in a thread of this process."""
+    port = free_port()
+    config = uvicorn.Config(create_app(factory, settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for("the API to start", lambda: server.started, timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _ready(url: str) -> tuple[int, dict[str, Any]]:
+    rsp = requests.get(f"{url}/readyz", timeout=10)
+    return rsp.status_code, rsp.json()
+
+
+def _heartbeats(factory: sessionmaker[Session]) -> int:
+    with factory() as session:
+        return int(session.scalar(select(func.count()).select_from(WorkerHeartbeat)) or 0)
+
+
+def test_ready_while_a_worker_runs_and_not_once_it_stopped(
+    factory: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path)
+    release = threading.Event()
+    monkeypatch.setitem(worker_module.HANDLERS, HELD, lambda _rt, _job: release.wait(30) or None)
+    storage = Storage(settings.storage_dir)
+    storage.prepare()
+    worker = Worker(Runtime(settings, factory.kw["bind"], factory, storage), name="health-worker")
+    with _api(factory, settings) as url:
+        code, body = _ready(url)
+        assert code == 503 and body["status"] == "not ready" and body["workers_alive"] == 0
+        assert body["reasons"] == ["no worker heartbeat in the last 1 s"]
+
+        thread = threading.Thread(target=worker.run_forever, daemon=True)
+        thread.start()
+        try:
+            code, body = wait_for("ready", lambda: (r := _ready(url))[0] == 200 and r)
+            assert body["reasons"] == [] and body["database"] == "ok" and body["workers_alive"] == 1
+            [seen] = body["workers"]
+            assert seen["worker_id"] == "health-worker" and seen["current_job_id"] is None
+            assert body["queue"] == {"pending": 0, "due": 0, "running": 0, "oldest_due_seconds": None}
+
+            with transaction(factory) as session:
+                job_id = jobs.enqueue(session, kind=HELD, payload={}).id
+            body = wait_for(
+                "the job in the worker's heartbeat",
+                lambda: (
+                    (r := _ready(url)[1])["workers"] and r["workers"][0]["current_job_id"] == job_id and r
+                ),
+            )
+            assert body["queue"]["running"] == 1 and body["queue"]["due"] == 0
+            release.set()
+            wait_for(
+                "the finished job out of the heartbeat",
+                lambda: (r := _ready(url)[1])["workers"] and r["workers"][0]["current_job_id"] is None,
+            )
+        finally:
+            release.set()
+            worker.stop.set()
+            thread.join(10)
+        assert _heartbeats(factory) == 0  # a clean stop removes the row
+        code, body = _ready(url)
+        assert code == 503 and body["workers_alive"] == 0
+
+
+def test_a_stale_heartbeat_is_a_dead_worker(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    record_heartbeat(factory, worker_id="gone", started_at=utcnow(), current_job_id=None)
+    with _api(factory, settings) as url:
+        assert _ready(url)[0] == 200
+        with transaction(factory) as session:
+            row = session.get(WorkerHeartbeat, "gone")
+            assert row is not None
+            row.beat_at = utcnow() - timedelta(seconds=1.5)  # past the 1 s timeout
+        code, body = _ready(url)
+        assert code == 503 and body["reasons"] == ["no worker heartbeat in the last 1 s"]
+
+
+def test_a_due_job_waiting_past_the_bound_is_not_ready(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path, max_queue_wait_seconds=60)
+    now = utcnow()
+    with transaction(factory) as session:
+        # A retry scheduled for later is not due; a job whose worker's lease expired is.
+        jobs.enqueue(session, kind="process_study", payload={}, run_at=now + timedelta(hours=1))
+        taken = jobs.enqueue(session, kind="process_study", payload={}, run_at=now - timedelta(seconds=20))
+        taken.status, taken.lease_expires_at = "running", now - timedelta(seconds=30)
+    with _api(factory, settings) as url:
+
+        def beat() -> None:
+            record_heartbeat(factory, worker_id="alive", started_at=now, current_job_id=None)
+
+        beat()
+        code, body = _ready(url)
+        assert code == 200, body
+        assert body["queue"]["pending"] == 1 and body["queue"]["due"] == 1 and body["queue"]["running"] == 1
+        assert 30 <= body["queue"]["oldest_due_seconds"] < 50
+
+        with transaction(factory) as session:
+            jobs.enqueue(session, kind="process_study", payload={}, run_at=now - timedelta(seconds=90))
+        beat()
+        code, body = _ready(url)
+        assert code == 503 and body["workers_alive"] == 1
+        [reason] = body["reasons"]
+        assert reason.startswith("the oldest due job has waited 9") and reason.endswith("(bound 60 s)")
+        assert body["queue"]["due"] == 2 and 90 <= body["queue"]["oldest_due_seconds"] < 110
+
+        with transaction(factory) as session:  # a worker took it: ready again
+            session.execute(
+                update(Job).where(Job.next_attempt_at < now - timedelta(seconds=60)).values(status="done")
+            )
+        beat()
+        assert _ready(url)[0] == 200
+
+
+def test_no_database_is_not_ready(tmp_path: Path) -> None:
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gateway")
+    try:
+        with _api(make_sessionmaker(engine), _settings(tmp_path)) as url:
+            started = time.monotonic()
+            code, body = _ready(url)
+            assert time.monotonic() - started < 10
+    finally:
+        engine.dispose()
+    assert code == 503 and body["database"] == "unreachable" and body["queue"] is None
+    [reason] = body["reasons"]
+    assert reason.startswith("database unreachable: OperationalError: ")

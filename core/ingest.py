@@ -5,6 +5,7 @@ An instance counts as accepted only once its file is on disk (fsync + atomic ren
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,12 @@ class MismatchedDataset(IngestError):
 
 class OutOfResources(IngestError):
     kind = "resources"  # DICOM 0xA700, HTTP 503
+
+
+class InsufficientStorage(OutOfResources):
+    """The storage volume is at its free-space reserve (or full): nothing was written; retry later."""
+
+    kind = "storage"  # DICOM 0xA700, HTTP 507
 
 
 @dataclass(frozen=True)
@@ -125,15 +132,22 @@ def store_instance(
     """Durably store ``data`` (a complete DICOM file, preamble and meta included) and index it.
 
     The same SOP Instance UID received again is stored once: the first copy is kept and the call succeeds.
-    Raises OutOfResources for disk or database failures; nothing already stored is touched then.
+    Raises InsufficientStorage when the file would eat into the volume's free-space reserve (or the disk is
+    full), OutOfResources for other disk or database failures; nothing already stored is touched then.
     """
     relative = storage.instance_path(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
     existing = _existing(factory, meta.sop_instance_uid)
     if existing is not None and storage.exists(existing.relative_path):
         return existing
     try:
+        if not storage.has_room(len(data)):
+            raise InsufficientStorage(
+                f"storage volume at its free-space reserve ({storage.reserve_bytes} bytes)"
+            )
         storage.write_bytes(relative, data)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(f"storage volume full: {exc.strerror}") from exc
         raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from exc
     for attempt in (1, 2, 3):
         try:

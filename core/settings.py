@@ -124,6 +124,37 @@ class DicomSettings(BaseModel):
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"  # no authentication yet: loopback only by default
     port: int = Field(8000, ge=1, le=65535)
+    #: Host header values answered (DNS rebinding); HOST is added unless it is a wildcard; "*" allows any.
+    allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
+    #: Largest STOW-RS request body (bytes); larger ones get 413.
+    stow_max_body_bytes: int = Field(4 << 30, ge=1)
+    #: Most application/dicom parts in one STOW-RS request; more get 413.
+    stow_max_parts: int = Field(10_000, ge=1)
+    #: A STOW-RS upload that sends nothing for this long is dropped with 408.
+    stow_idle_seconds: float = Field(60.0, gt=0)
+    #: Worker threads STOW-RS requests share for parsing and storing, apart from the other routes' pool.
+    stow_threads: int = Field(4, ge=1, le=64)
+
+    _split = field_validator("allowed_hosts", mode="before")(classmethod(lambda cls, v: _env_list(v)))
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if "*" in name and name != "*" and not (name.startswith("*.") and "*" not in name[1:]):
+                raise ValueError(f"{name!r}: a wildcard must be '*' or like '*.example.org'")
+        return value
+
+    @property
+    def trusted_hosts(self) -> list[str]:
+        """``allowed_hosts`` plus HOST, as Starlette compares them (IPv6 literals in brackets)."""
+        names = [*self.allowed_hosts]
+        if self.host not in ("", "0.0.0.0", "::"):
+            names.append(self.host)
+        if "*" in names:
+            return ["*"]
+        bracketed = [f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names]
+        return list(dict.fromkeys(n.lower() for n in bracketed))
 
 
 class CompletionSettings(BaseModel):

@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.uid import RE_VALID_UID
 
@@ -30,9 +31,12 @@ def check_uid(value: object, what: str) -> str:
 
 
 class Storage:
-    def __init__(self, root: Path) -> None:
+    """``reserve_bytes``: free space on the volume that writes of instances leave untouched (see has_room)."""
+
+    def __init__(self, root: Path, *, reserve_bytes: int = 0) -> None:
         self.root = root.resolve()
         self.tmp_dir = self.root / "tmp"
+        self.reserve_bytes = reserve_bytes
 
     def prepare(self) -> int:
         """Create the folders and remove temp files left by a crash; returns how many were removed."""
@@ -71,6 +75,20 @@ class Storage:
 
     def exists(self, relative: str) -> bool:
         return self.absolute(relative).is_file()
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the storage volume."""
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes keep the volume's free space at or above the reserve."""
+        return self.free_bytes() - size >= self.reserve_bytes
+
+    def open_temp(self) -> tuple[BinaryIO, Path]:
+        """A new temp file in ``tmp/`` (removed by prepare() after a crash); the caller removes it."""
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.tmp_dir)
+        return os.fdopen(fd, "w+b"), Path(name)
 
 
 def write_atomic(target: Path, data: bytes | memoryview, *, tmp_dir: Path | None = None) -> Path:

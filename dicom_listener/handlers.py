@@ -33,6 +33,7 @@ _STATUS = {
     "invalid": CANNOT_UNDERSTAND,
     "mismatch": DATASET_DOES_NOT_MATCH_SOP_CLASS,
     "resources": OUT_OF_RESOURCES,
+    "storage": OUT_OF_RESOURCES,  # at the storage volume's free-space reserve
 }
 
 

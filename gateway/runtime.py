@@ -62,6 +62,6 @@ def build_runtime(settings: Settings, *, migrate: bool) -> Runtime:
             f"database schema is at {current_revision(engine)!r}, expected {head_revision()!r}: "
             "run `gateway db upgrade`"
         )
-    storage = Storage(settings.storage_dir)
+    storage = Storage(settings.storage_dir, reserve_bytes=settings.storage.reserve_bytes)
     storage.prepare()
     return Runtime(settings, engine, make_sessionmaker(engine), storage)

@@ -1,8 +1,16 @@
+import errno
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
+from core.ingest import InstanceMeta, InsufficientStorage, store_instance
 from core.storage import InvalidUID, Storage
+from core.tables import Instance
+from tests import factories as f
+from tests.mounts import fill, tmpfs
 
 
 @pytest.mark.parametrize("uid", ["../../x", "1.2/../3", "1.2.840..1", "", "1." + "2" * 70, "abc", "1.2.03"])
@@ -29,3 +37,50 @@ def test_durable_write_and_leftover_cleanup(tmp_path: Path) -> None:
 def test_absolute_refuses_escape(storage: Storage) -> None:
     with pytest.raises(InvalidUID):
         storage.absolute("../outside.dcm")
+
+
+def _meta(ds: Dataset) -> InstanceMeta:
+    return InstanceMeta.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+
+
+def _count(factory: sessionmaker[Session]) -> int:
+    with factory() as session:
+        return int(session.scalar(select(func.count(Instance.id))) or 0)
+
+
+def test_reserve_refuses_before_writing_and_resumes_when_space_frees(
+    tmp_path: Path, factory: sessionmaker[Session]
+) -> None:
+    ds = f.chest_radiograph()
+    data = f.save(ds, tmp_path / "x.dcm").read_bytes()
+    with tmpfs(tmp_path / "volume", 4 << 20) as volume:
+        storage = Storage(volume / "storage", reserve_bytes=1 << 20)
+        storage.prepare()
+        filler = fill(volume, leave=(1 << 20) + len(data) // 2)  # the instance would cut into the reserve
+        assert not storage.has_room(len(data))
+        with pytest.raises(InsufficientStorage, match="reserve"):
+            store_instance(storage, factory, _meta(ds), data, source="test")
+        assert list(storage.tmp_dir.iterdir()) == [] and not list(volume.glob("storage/instances/**/*.dcm"))
+        assert _count(factory) == 0
+        filler.unlink()  # space frees: the next store succeeds, no restart, no state to reset
+        stored = store_instance(storage, factory, _meta(ds), data, source="test")
+        assert storage.absolute(stored.relative_path).read_bytes() == data and _count(factory) == 1
+
+
+def test_disk_full_while_writing_leaves_no_partial_file(
+    tmp_path: Path, factory: sessionmaker[Session]
+) -> None:
+    """has_room looks at the root's volume; a tiny tmpfs on tmp/ makes the write itself fail with ENOSPC."""
+    storage = Storage(tmp_path / "storage")
+    storage.prepare()
+    ds = f.chest_radiograph()
+    data = f.save(ds, tmp_path / "x.dcm").read_bytes()
+    with tmpfs(storage.tmp_dir, 64 << 10):
+        assert storage.has_room(len(data)) and len(data) > 64 << 10
+        with pytest.raises(InsufficientStorage, match="full"):
+            store_instance(storage, factory, _meta(ds), data, source="test")
+        with pytest.raises(OSError) as err:
+            storage.write_bytes("reports/1.2.3/1.2.3.4.dcm", data)
+        assert err.value.errno == errno.ENOSPC
+        assert list(storage.tmp_dir.iterdir()) == []
+    assert not list(storage.root.glob("**/*.dcm")) and _count(factory) == 0

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.pixels.utils import get_expected_length
@@ -18,6 +20,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
+from core.encoding import EncodingError, EncodingLimitExceeded, decode_dataset, read_part10, walk
+from core.pixels import PIXEL_KEYWORDS, CodestreamMismatch, PixelDataError, check_decodable
+from core.settings import IngestSettings
 from core.storage import Storage, check_uid
 from core.tables import Instance, Series, Study, utcnow
 
@@ -91,6 +96,95 @@ class InstanceMeta:
             raise InvalidDataset(str(exc)) from exc
         except Exception as exc:  # a malformed element raises on access
             raise InvalidDataset(f"unreadable dataset: {exc}") from exc
+
+
+def decode_instance(data: bytes, transfer_syntax_uid: str, limits: IngestSettings) -> Dataset:
+    """The dataset of a C-STORE request (no file meta), read within ``limits``: a deflated one is inflated to
+    at most ``limits.max_inflated_bytes`` (OutOfResources beyond), the encoding is walked once before
+    pydicom parses it (InvalidDataset for nesting deeper than ``limits.max_sequence_depth`` or a broken
+    structure). Validate the result with :func:`validate_instance`."""
+    _check_size(len(data), limits)
+    try:
+        return decode_dataset(data, transfer_syntax_uid, limits)
+    except EncodingLimitExceeded as exc:
+        raise OutOfResources(str(exc)) from None
+    except EncodingError as exc:
+        raise InvalidDataset(str(exc)) from None
+
+
+def read_instance(source: bytes | Path, limits: IngestSettings) -> Dataset:
+    """A DICOM file (STOW-RS part, upload) read within ``limits``, as :func:`decode_instance`; the 128-byte
+    preamble is optional, the file meta required (``ds.file_meta``)."""
+    try:
+        _check_size(source.stat().st_size if isinstance(source, Path) else len(source), limits)
+        return read_part10(source, limits)
+    except EncodingLimitExceeded as exc:
+        raise OutOfResources(str(exc)) from None
+    except EncodingError as exc:
+        raise InvalidDataset(str(exc)) from None
+    except OSError as exc:
+        raise OutOfResources(f"cannot read the instance: {exc.strerror or exc}") from None
+
+
+def _check_size(size: int, limits: IngestSettings) -> None:
+    if size > limits.max_instance_bytes:
+        raise OutOfResources(f"instance of {size} bytes exceeds the limit of {limits.max_instance_bytes}")
+
+
+def validate_instance(ds: Dataset, transfer_syntax_uid: str, limits: IngestSettings) -> InstanceMeta:
+    """Everything an instance must pass before it is stored; returns what we index about it.
+
+    The one check every input runs (C-STORE, STOW-RS, uploads), so that nothing accepted can fail later:
+    every element decodes, sequences nest at most ``limits.max_sequence_depth`` deep, the UIDs are valid,
+    an image has a complete Image Pixel module, pixel data as long as it promises, a decoded size within
+    ``limits`` and codestreams that agree with its header. Raises InvalidDataset (0xC000 / 400) or
+    MismatchedDataset (0xA900 / 409, a codestream describing another image).
+    """
+    try:
+        walk(ds, max_depth=limits.max_sequence_depth, max_elements=limits.max_elements)
+    except EncodingError as exc:
+        raise InvalidDataset(str(exc)) from None
+    meta = InstanceMeta.from_dataset(ds, transfer_syntax_uid)
+    if "FrameOfReferenceUID" in ds:  # copied into the reports we write
+        try:
+            check_uid(ds.FrameOfReferenceUID, "Frame of Reference UID")
+        except ValueError as exc:
+            raise InvalidDataset(str(exc)) from None
+    if any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        try:
+            check_decodable(ds, meta.transfer_syntax_uid, limits)
+        except CodestreamMismatch as exc:
+            raise MismatchedDataset(str(exc)) from None
+        except PixelDataError as exc:
+            raise InvalidDataset(str(exc)) from None
+    elif "Rows" in ds or "Columns" in ds or "Image Storage" in UID(meta.sop_class_uid).name:
+        raise InvalidDataset("image without pixel data (truncated dataset?)")
+    return meta
+
+
+def zero_executable_preamble(data: bytes) -> bytes:
+    """``data`` (a DICOM file) with its 128-byte preamble zeroed when it holds anything.
+
+    A preamble may carry an executable header (``MZ``, ``\\x7fELF``, ...) that turns the file into a
+    program (a PE/DICOM polyglot); nothing we serve reads the preamble, so none is kept. C-STORE files
+    are written with a zero preamble already.
+    """
+    if data[128:132] != b"DICM" or not any(data[:128]):
+        return data
+    return bytes(128) + data[128:]
+
+
+def zero_executable_preamble_file(path: Path) -> bool:
+    """:func:`zero_executable_preamble` in place on a file being written; True when it had to zero."""
+    with open(path, "r+b") as fh:
+        head = fh.read(132)
+        if head[128:132] != b"DICM" or not any(head[:128]):
+            return False
+        fh.seek(0)
+        fh.write(bytes(128))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
 
 
 def check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:

@@ -2,7 +2,9 @@
 
 States: ``pending`` -> ``running`` (claimed under a lease) -> ``done``; a failure puts the job back to
 ``pending`` with a later ``next_attempt_at`` until ``max_attempts``, then ``failed``. A job whose worker
-died is claimed again once its lease has expired. On PostgreSQL a claim is
+died is claimed again once its lease has expired, at most ``max_takeovers`` times: a job that keeps killing
+its workers (out of memory, a crash inside a codec) is then quarantined, failed with the reason, so that no
+restart loop ever takes it again. On PostgreSQL a claim is
 ``SELECT ... FOR UPDATE SKIP LOCKED``, so
 concurrent workers never take the same job; on SQLite the write lock taken at BEGIN serialises claims.
 """
@@ -114,8 +116,13 @@ def claim(
     worker_id: str,
     lease_seconds: float,
     kinds: tuple[str, ...] | None = None,
+    max_takeovers: int = 2,
 ) -> ClaimedJob | None:
-    """Take the oldest due job (or one whose lease expired) for ``worker_id``; None when idle."""
+    """Take the oldest due job (or one whose lease expired) for ``worker_id``; None when idle.
+
+    Taking over an expired lease counts in ``job.takeovers``; past ``max_takeovers`` the job is failed
+    ("quarantined") instead, and None is returned for this round.
+    """
     now = utcnow()
     with transaction(factory) as session:
         due = or_(
@@ -131,12 +138,24 @@ def claim(
         if job is None:
             return None
         if job.status == "running":
+            deaths = (job.takeovers or 0) + 1
+            if deaths > max_takeovers:
+                job.status = "failed"
+                job.last_error = (
+                    f"quarantined: its worker died {deaths} times while running it (lease expired; last "
+                    f"{job.locked_by}); not taken over again"
+                )
+                job.finished_at = now
+                job.lease_expires_at = None
+                log.error("job %s quarantined: its worker died %d times while running it", job.id, deaths)
+                return None
             log.warning("job %s: lease of %s expired, taking it over", job.id, job.locked_by)
             if job.attempts >= job.max_attempts:
                 job.status = "failed"
                 job.last_error = (job.last_error or "") + f"\nworker {job.locked_by} lost the job"
                 job.finished_at = now
                 return None
+            job.takeovers = deaths
         job.status = "running"
         job.attempts += 1
         job.locked_by = worker_id

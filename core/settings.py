@@ -272,6 +272,9 @@ class IngestSettings(BaseModel):
     max_inflated_bytes: int = Field(256 << 20, ge=1)
     #: Sequences nested deeper than this are refused.
     max_sequence_depth: int = Field(32, ge=1)
+    #: Data elements of one instance, sequence items and nested elements included (pydicom keeps one object
+    #: per element: a flood of empty elements would cost gigabytes).
+    max_elements: int = Field(500_000, ge=1)
 
 
 class StorageSettings(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import cast
 
 from pydicom import Dataset
@@ -12,14 +13,16 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.encoding import describe
 from core.ingest import (
     IngestError,
-    InstanceMeta,
     MismatchedDataset,
-    check_pixel_data,
+    decode_instance,
     mark_released,
     store_instance,
+    validate_instance,
 )
+from core.settings import IngestSettings
 from core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -58,26 +61,35 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(
-    event: Event, storage: Storage, factory: sessionmaker[Session], studies: AssociationStudies
+    event: Event,
+    storage: Storage,
+    factory: sessionmaker[Session],
+    studies: AssociationStudies,
+    limits: IngestSettings,
 ) -> int | Dataset:
     """Store one instance durably, then acknowledge.
 
     Returns 0x0000 once the file is fsynced and renamed and its row committed (also for a duplicate);
-    0xC000 for an unreadable dataset or invalid UIDs; 0xA900 when the dataset's SOP Class/Instance UID differs
-    from the command's; 0xA700 when the disk or the database fails.
+    0xC000 for a dataset the pipeline could not read (malformed or undecodable elements, invalid UIDs,
+    sequences nested deeper than allowed, an image without a complete pixel module, pixel data beyond the
+    decoding budget); 0xA900 when the dataset's SOP Class/Instance UID differs from the command's or a
+    codestream header describes another image; 0xA700 when the disk or the database fails, or a deflated
+    dataset inflates beyond its limit. Nothing is decoded beyond the header of each codestream.
     """
     calling_ae = event.assoc.requestor.ae_title.strip()
     request = cast(C_STORE, event.request)
     try:
-        ds = event.dataset
-        meta = InstanceMeta.from_dataset(ds, str(event.context.transfer_syntax))
+        stream = cast(BytesIO, request.DataSet)
+        syntax = str(event.context.transfer_syntax)
+        ds = decode_instance(stream.getvalue(), syntax, limits)
+        meta = validate_instance(ds, syntax, limits)
         if meta.sop_class_uid != str(request.AffectedSOPClassUID):
             raise MismatchedDataset(
                 f"SOP Class UID {meta.sop_class_uid} differs from the command's {request.AffectedSOPClassUID}"
             )
         if meta.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             raise MismatchedDataset("SOP Instance UID differs from the command's Affected SOP Instance UID")
-        check_pixel_data(ds, meta.transfer_syntax_uid)
+        # The file gets a zero preamble and our own file meta (pynetdicom's encoded_dataset).
         stored = store_instance(
             storage, factory, meta, event.encoded_dataset(), source="dimse", calling_ae=calling_ae
         )
@@ -91,9 +103,11 @@ def handle_store(
             _safe_uid(request),
         )
         return _status(status, str(exc))
-    except Exception as exc:  # decoding errors of a malformed dataset surface here
-        log.warning("C-STORE from %s: unreadable dataset (%s)", calling_ae, type(exc).__name__)
-        return _status(CANNOT_UNDERSTAND, f"unreadable dataset: {exc}")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # nothing a sender's bytes cause may escape into pynetdicom's thread
+        log.warning("C-STORE from %s: unreadable dataset (%s)", calling_ae, describe(exc, 120))
+        return _status(CANNOT_UNDERSTAND, f"unreadable dataset: {describe(exc)}")
     studies.add(id(event.assoc), meta.study_instance_uid)
     log.info(
         "stored %s of study %s from %s%s",

@@ -81,7 +81,7 @@ def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) ->
     studies = AssociationStudies()
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [storage, factory, studies]),
+        (evt.EVT_C_STORE, handle_store, [storage, factory, studies, config.ingest]),
         (evt.EVT_CONN_CLOSE, handle_closed, [factory, studies]),
     ]
     ae = build_ae(settings)

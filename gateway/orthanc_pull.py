@@ -3,15 +3,12 @@ process it."""
 
 from __future__ import annotations
 
-import io
 import logging
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import update
 
 from core.db import transaction
-from core.ingest import IngestError, InstanceMeta, store_instance
+from core.ingest import IngestError, read_instance, store_instance, validate_instance
 from core.jobs import ClaimedJob, PermanentError
 from core.tables import Study, utcnow
 from gateway.runtime import Runtime
@@ -39,10 +36,10 @@ def pull_orthanc_study(rt: Runtime, job: ClaimedJob) -> None:
         except OrthancRejected:
             log.warning("Orthanc instance %s vanished while pulling study %s", instance_id, orthanc_id)
             continue
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            meta = InstanceMeta.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-        except (IngestError, InvalidDicomError, AttributeError, EOFError) as exc:
+        try:  # the checks C-STORE and STOW make: nothing stored may fail a worker later
+            ds = read_instance(data, rt.settings.ingest)
+            meta = validate_instance(ds, str(ds.file_meta.TransferSyntaxUID), rt.settings.ingest)
+        except IngestError as exc:
             log.warning("Orthanc instance %s refused: %s", instance_id, exc)
             continue
         store_instance(rt.storage, rt.factory, meta, data, source="orthanc")

@@ -1,18 +1,28 @@
 """The ``process_study`` job: route every series of a complete study, run each model, write one SR per model
-and queue its deliveries."""
+and queue its deliveries.
+
+One bad instance never fails its study: an image that cannot be decoded within the budget, or whose header
+cannot be read or described in a report, is recorded as not assessable with its reason, and the rest are
+reported.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pydicom
+from highdicom.sr import Comprehensive3DSR
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db import transaction
 from core.domain import ImageResult, InstanceRef
+from core.encoding import describe, printable
 from core.jobs import DELIVER, ClaimedJob, PermanentError, enqueue
 from core.tables import (
     AuditEvent,
@@ -26,7 +36,8 @@ from core.tables import (
     utcnow,
 )
 from gateway.runtime import Runtime
-from inference.model import run_model
+from gateway.sources import UnreadableSource, read_source
+from inference.model import not_assessable, run_model
 from inference.preprocess import UnreadableImage, load_dicom_image
 from inference.routing import SeriesInfo, route_series
 from reporting.capture import build_capture
@@ -127,22 +138,41 @@ def _report_model(
         previous_path = rt.storage.absolute(previous.path) if previous else None
 
     captures_wanted = rt.settings.reporting.secondary_capture
-    results: list[ImageResult] = run_model(model, refs, with_heatmap=captures_wanted)
-    sources = [pydicom.dcmread(r.path, stop_before_pixels=True) for r in refs]
-    previous_ds = pydicom.dcmread(previous_path) if previous_path and previous_path.is_file() else None
-    sr = build_report(
-        results=results,
-        sources=sources,
+    results: list[ImageResult] = run_model(
+        model, refs, with_heatmap=captures_wanted, limits=rt.settings.ingest
+    )
+    sources: dict[str, pydicom.Dataset] = {}
+    left_out: dict[str, str] = {}
+    for ref in refs:
+        try:
+            sources[ref.sop_instance_uid] = read_source(ref, rt.settings.ingest)
+        except UnreadableSource as exc:
+            left_out[ref.sop_instance_uid] = str(exc)
+    sr, excluded = _build_report(
+        results,
+        sources,
         model=model.info,
         sop_instance_uid=uid,
         series_instance_uid=report_series_uid(study_uid, model.info),
         series_number=rt.settings.reporting.series_number,
-        previous_report=previous_ds,
+        previous_report=_previous(previous_path),
     )
+    left_out.update(excluded)
+    for sop_uid, reason in left_out.items():
+        log.warning(
+            "study %s: SOP instance %s left out of the %s report: %s", study_uid, sop_uid, model_name, reason
+        )
+        results = _unreportable(results, sop_uid, reason)
+    if sr is None:
+        raise PermanentError(
+            f"no instance can be reported by {model_name}: " + "; ".join(sorted(set(left_out.values())))[:500]
+        )
     relative = rt.storage.report_path(study_uid, uid)
     write_report(sr, rt.storage.absolute(relative))
     captures = (
-        _write_captures(rt, results, sources, uid, str(sr.SeriesInstanceUID)) if captures_wanted else []
+        _write_captures(rt, results, {k: v for k, v in sources.items() if k not in left_out}, uid, sr)
+        if captures_wanted
+        else []
     )
 
     by_sop = {i.sop_instance_uid: i.id for i in _instances(rt, sop_uids)}
@@ -170,7 +200,7 @@ def _report_model(
                 model_name=model.info.name,
                 model_version=model.info.version,
                 assessable=result.assessable,
-                reason=result.reason,
+                reason=printable(result.reason, 255) if result.reason else None,
             )
             if not result.assessable:
                 session.add(Prediction(**common))
@@ -218,29 +248,101 @@ def _report_model(
     )
 
 
+def _unreportable(results: list[ImageResult], sop_uid: str, reason: str) -> list[ImageResult]:
+    """``results`` with the one of ``sop_uid`` made not assessable for ``reason``."""
+    return [
+        replace(r, assessable=False, findings=(), reason=not_assessable(reason), heatmap=None)
+        if r.instance.sop_instance_uid == sop_uid
+        else r
+        for r in results
+    ]
+
+
+def _build_report(
+    results: list[ImageResult], sources: dict[str, pydicom.Dataset], **header: Any
+) -> tuple[Comprehensive3DSR | None, dict[str, str]]:
+    """The SR of the results whose source could be read, and the instances it leaves out with the reason.
+
+    Should highdicom refuse to describe some source (a value it cannot take), each source is tried alone and
+    those that fail are left out; None when no result can be reported.
+    """
+    reportable = [r for r in results if r.instance.sop_instance_uid in sources]
+
+    def build(chosen: list[ImageResult]) -> Comprehensive3DSR:
+        return build_report(
+            results=chosen, sources=[sources[r.instance.sop_instance_uid] for r in chosen], **header
+        )
+
+    if not reportable:
+        return None, {}
+    try:
+        return build(reportable), {}
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a source value highdicom cannot take: find which
+        log.warning(
+            "report of %d images failed (%s); trying each source alone", len(reportable), describe(exc)
+        )
+    excluded: dict[str, str] = {}
+    for result in reportable:
+        try:
+            build([result])
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            excluded[result.instance.sop_instance_uid] = f"cannot be described in a report: {describe(exc)}"
+    rest = [r for r in reportable if r.instance.sop_instance_uid not in excluded]
+    return (build(rest) if rest else None), excluded
+
+
+def _previous(path: Path | None) -> pydicom.Dataset | None:
+    """The report this one supersedes (our own file), or None when it is gone or unreadable."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        log.warning("previous report %s unreadable (%s); not listed as predecessor", path.name, describe(exc))
+        return None
+
+
 def _write_captures(
     rt: Runtime,
     results: Sequence[ImageResult],
-    sources: Sequence[pydicom.Dataset],
+    sources: dict[str, pydicom.Dataset],
     report_uid: str,
-    series_uid: str,
+    sr: Comprehensive3DSR,
 ) -> list[tuple[str, str, str]]:
-    """One Secondary Capture per image (heatmap and result burned in): (SOP UID, series UID, storage path)."""
+    """One Secondary Capture per image (heatmap and result burned in): (SOP UID, series UID, storage path).
+
+    A capture is a convenience beside the SR: an image it cannot be drawn for is skipped, with a log line.
+    """
     out = []
-    for number, (result, source) in enumerate(zip(results, sources, strict=True), start=1):
+    for number, result in enumerate(results, start=1):
+        source = sources.get(result.instance.sop_instance_uid)
+        if source is None:
+            continue
         try:
-            image = load_dicom_image(result.instance.path)
+            image = load_dicom_image(result.instance.path, limits=rt.settings.ingest)
         except (UnreadableImage, OSError):
             continue  # nothing to draw on; the SR says why the image was not assessable
-        sc = build_capture(
-            result=result,
-            source=source,
-            image=image,
-            report_uid=report_uid,
-            report_series_uid=series_uid,
-            series_number=rt.settings.reporting.series_number,
-            instance_number=number,
-        )
+        try:
+            sc = build_capture(
+                result=result,
+                source=source,
+                image=image,
+                report_uid=report_uid,
+                report_series_uid=str(sr.SeriesInstanceUID),
+                series_number=rt.settings.reporting.series_number,
+                instance_number=number,
+            )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            log.warning("no capture of %s: %s", result.instance.sop_instance_uid, describe(exc))
+            continue
         relative = rt.storage.report_path(result.instance.study_instance_uid, str(sc.SOPInstanceUID))
         write_report(sc, rt.storage.absolute(relative))
         out.append((str(sc.SOPInstanceUID), str(sc.SeriesInstanceUID), relative))

@@ -1,7 +1,13 @@
-"""The worker loop: sweep for complete studies, claim a job, run it, record the outcome."""
+"""The worker loop: sweep for complete studies, claim a job, run it, record the outcome.
+
+A failure is retried only when it can be transient (database, network, Orthanc, a full disk, memory); any
+other exception, whatever its class (a codec's ``PanicException`` is a BaseException), fails the job at once
+with its reason, and the worker goes on with the next job.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -13,9 +19,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
+from core.encoding import describe
 from core.heartbeat import record_heartbeat, remove_heartbeats
 from core.jobs import DELIVER, PROCESS_STUDY, PULL_ORTHANC_STUDY, ClaimedJob, PermanentError, Retry
 from core.tables import utcnow
@@ -38,6 +47,36 @@ HANDLERS: dict[str, Callable[[Runtime, ClaimedJob], None]] = {
 
 #: The heartbeat renews a lease every third of GATEWAY_WORKER__LEASE_SECONDS, but never more often than this.
 MIN_RENEW_SECONDS = 0.05
+
+#: OSErrors that another attempt may not meet (resources of the machine, not the job's data).
+_TRANSIENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EIO,
+    errno.EAGAIN,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOMEM,
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the job later may succeed: the database, the network, Orthanc, disk space or memory
+    failed. Everything else (pydicom, a codec, a model, a bug) fails the same way on every attempt."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    if isinstance(
+        exc, DisconnectionError | PoolTimeout | OrthancUnavailable | ConnectionError | TimeoutError
+    ):
+        return True
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
+
+
+def job_error(exc: BaseException) -> str:
+    """A job's recorded reason: the exception, printable and short, and the frames it came through (source
+    lines only: never a value, so no dataset bytes)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__, limit=-8))
+    return f"{describe(exc, 500)}\n{frames}"
 
 
 class _LeaseKeeper:
@@ -178,7 +217,12 @@ class Worker:
         settings = self.rt.settings
         complete_studies(self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts)
         self._reconcile()
-        job = jobs.claim(self.rt.factory, worker_id=self.id, lease_seconds=settings.worker.lease_seconds)
+        job = jobs.claim(
+            self.rt.factory,
+            worker_id=self.id,
+            lease_seconds=settings.worker.lease_seconds,
+            max_takeovers=settings.worker.max_takeovers,
+        )
         if job is None:
             return False
         with self._heartbeat.working_on(job.id):
@@ -208,8 +252,11 @@ class Worker:
         while not self.stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # a database outage must not kill the worker: wait and try again
-                log.exception("worker %s: sweep or claim failed", self.id)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                # A database outage (or anything else) must not kill the worker: wait and try again.
+                log.error("worker %s: sweep or claim failed: %s", self.id, describe(exc))
                 busy = False
             if not busy:
                 self.stop.wait(self.rt.settings.worker.poll_seconds)
@@ -233,13 +280,20 @@ class Worker:
         except PermanentError as exc:
             jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=str(exc), retry_in=None)
             log.error("job %d (%s) failed permanently: %s", job.id, job.kind, exc)
-        except Exception as exc:
-            delay = backoff_delay(
-                job.attempts, base=wcfg.retry_base_seconds, cap=wcfg.retry_cap_seconds, rng=random.Random()
-            )
-            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # nothing a job raises may end the worker thread
+            delay = None
+            if is_transient(exc):
+                delay = backoff_delay(
+                    job.attempts,
+                    base=wcfg.retry_base_seconds,
+                    cap=wcfg.retry_cap_seconds,
+                    rng=random.Random(),
+                )
+            error = job_error(exc)
             status = jobs.fail(self.rt.factory, job.id, worker_id=self.id, error=error, retry_in=delay)
-            log.exception("job %d (%s) attempt %d raised -> %s", job.id, job.kind, job.attempts, status)
+            log.error("job %d (%s) attempt %d -> %s: %s", job.id, job.kind, job.attempts, status, error)
         else:
             if not jobs.complete(self.rt.factory, job.id, worker_id=self.id):
                 log.warning("job %d (%s) finished, but another worker had taken it over", job.id, job.kind)

@@ -13,6 +13,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from core.domain import Finding, ImageResult, InstanceRef, ModelInfo
+from core.encoding import describe
+from core.settings import IngestSettings
 from inference.preprocess import UnreadableImage, load_dicom_image
 
 logger = logging.getLogger(__name__)
@@ -96,21 +98,31 @@ def assess(model: Model, images: Sequence[np.ndarray], *, with_heatmap: bool = F
 
 
 def run_model(
-    model: Model, instances: Sequence[InstanceRef], *, with_heatmap: bool = False
+    model: Model,
+    instances: Sequence[InstanceRef],
+    *,
+    with_heatmap: bool = False,
+    limits: IngestSettings | None = None,
 ) -> list[ImageResult]:
     """One :class:`ImageResult` per instance, in order; one bad image never fails the others.
 
-    Unreadable pixels and images the gate rejects become ``assessable=False`` with "not assessable: <reason>"
-    and no findings; the rest go through ``model.predict`` in one batch (see :func:`assess`).
+    Unreadable pixels (beyond the decoding budget ``limits``, or anything a codec raises, a panic included)
+    and images the gate rejects become ``assessable=False`` with "not assessable: <reason>" and no findings;
+    the rest go through ``model.predict`` in one batch (see :func:`assess`).
     """
     outcome: dict[int, Assessment] = {}
     readable: list[tuple[int, np.ndarray]] = []
     for i, instance in enumerate(instances):
         try:
-            readable.append((i, load_dicom_image(instance.path)))
+            readable.append((i, load_dicom_image(instance.path, limits=limits)))
         except (UnreadableImage, OSError) as exc:
             logger.warning("SOP instance %s unreadable: %s", instance.sop_instance_uid, exc)
             outcome[i] = Assessment.rejected(f"unreadable image: {exc}")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # load_dicom_image converts what it knows; nothing else may fail the job
+            logger.warning("SOP instance %s unreadable: %s", instance.sop_instance_uid, describe(exc))
+            outcome[i] = Assessment.rejected(f"unreadable image: {describe(exc)}")
     assessed = assess(model, [image for _, image in readable], with_heatmap=with_heatmap)
     for (i, _), assessment in zip(readable, assessed, strict=True):
         if not assessment.assessable:

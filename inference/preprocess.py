@@ -7,6 +7,10 @@ MONOCHROME1 is inverted so that bone and tissue are bright and air is dark. Colo
 undo the YBR_ICT/YBR_RCT component transform themselves, so we only convert what the decoder reports as still
 YBR. Multi-frame objects: :func:`load_dicom_image` returns the first frame, :func:`iter_frames` all.
 
+Nothing is decoded before the pixel budget (core.pixels) is checked against the header and every frame's
+codestream header; whatever a codec raises, a Rust ``PanicException`` (a BaseException) included, becomes
+:class:`UnreadableImage`.
+
 This module must not import TensorFlow.
 """
 
@@ -31,9 +35,12 @@ from pydicom.pixels import (
     get_decoder,
 )
 
+from core.encoding import describe
+from core.pixels import PIXEL_KEYWORDS, PixelDataError, check_decodable
+from core.settings import IngestSettings
+
 logger = logging.getLogger(__name__)
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PERCENTILE_WINDOW = (0.5, 99.5)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -51,7 +58,11 @@ def read_dataset(ds_or_path: DicomSource) -> Dataset:
     try:
         return pydicom.dcmread(ds_or_path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise UnreadableImage(f"cannot read DICOM file {Path(ds_or_path).name}: {exc}") from exc
+        raise UnreadableImage(f"cannot read DICOM file {Path(ds_or_path).name}: {describe(exc)}") from exc
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # RecursionError on absurd nesting, anything else a broken file causes
+        raise UnreadableImage(f"cannot read DICOM file {Path(ds_or_path).name}: {describe(exc)}") from None
 
 
 def number_of_frames(ds: Dataset) -> int:
@@ -59,23 +70,29 @@ def number_of_frames(ds: Dataset) -> int:
     return int(ds.get("NumberOfFrames") or 1)
 
 
-def load_dicom_image(ds_or_path: DicomSource, *, frame: int = 0) -> np.ndarray:
-    """One frame (the first by default) as float32 in [0, 1]: HxW for grayscale, HxWx3 RGB for colour."""
+def load_dicom_image(
+    ds_or_path: DicomSource, *, frame: int = 0, limits: IngestSettings | None = None
+) -> np.ndarray:
+    """One frame (the first by default) as float32 in [0, 1]: HxW for grayscale, HxWx3 RGB for colour.
+
+    ``limits`` (default: the default ingest limits) bound what decoding may cost; beyond them, or for a
+    codestream that contradicts the header, the image is unreadable and nothing is decoded.
+    """
     ds = read_dataset(ds_or_path)
-    _require_pixels(ds)
+    _require_pixels(ds, limits)
     if not 0 <= frame < number_of_frames(ds):
         raise UnreadableImage(f"frame {frame} out of range (NumberOfFrames {number_of_frames(ds)})")
     arr, meta = _decode(ds, frame)
-    return _to_unit_range(arr, meta, ds)
+    return _unit_range(arr, meta, ds)
 
 
-def iter_frames(ds_or_path: DicomSource) -> Iterator[np.ndarray]:
+def iter_frames(ds_or_path: DicomSource, *, limits: IngestSettings | None = None) -> Iterator[np.ndarray]:
     """Every frame, each as :func:`load_dicom_image` returns it; frames are decoded one at a time."""
     ds = read_dataset(ds_or_path)
-    _require_pixels(ds)
+    _require_pixels(ds, limits)
     for index in range(number_of_frames(ds)):
         arr, meta = _decode(ds, index)
-        yield _to_unit_range(arr, meta, ds)
+        yield _unit_range(arr, meta, ds)
 
 
 def load_image_file(path: str | PathLike[str]) -> np.ndarray:
@@ -144,9 +161,22 @@ def to_model_input(img: np.ndarray, size: int, channels: int) -> np.ndarray:
 # -- decoding ------------------------------------------------------------------------------------------------
 
 
-def _require_pixels(ds: Dataset) -> None:
-    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+def _require_pixels(ds: Dataset, limits: IngestSettings | None) -> None:
+    """Pixel data that may be decoded: present, described completely and within the budget."""
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise UnreadableImage("dataset has no pixel data")
+    try:
+        tsyntax = ds.file_meta.TransferSyntaxUID
+    except AttributeError as exc:
+        raise UnreadableImage("dataset has no Transfer Syntax UID") from exc
+    try:
+        check_decodable(ds, str(tsyntax), limits or IngestSettings())
+    except PixelDataError as exc:
+        raise UnreadableImage(f"pixel data not decoded: {exc}") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a header element that does not decode
+        raise UnreadableImage(f"pixel data not decoded: {describe(exc)}") from None
 
 
 def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -159,9 +189,23 @@ def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         decoder = get_decoder(tsyntax)
         options: dict[str, Any] = {"as_rgb": True}  # YBR_FULL(_422) to RGB; pydicom's default, made explicit
         arr, meta = decoder.as_array(ds, index=index, **options)
-    except Exception as exc:  # every decoder plugin raises its own types
-        raise UnreadableImage(f"cannot decode pixel data ({tsyntax.name}): {exc}") from exc
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # every plugin raises its own types; pylibjpeg-rle panics (BaseException)
+        raise UnreadableImage(f"cannot decode pixel data ({tsyntax.name}): {describe(exc)}") from None
     return arr, dict(meta)
+
+
+def _unit_range(arr: np.ndarray, meta: dict[str, Any], ds: Dataset) -> np.ndarray:
+    """:func:`_to_unit_range`; a LUT or window that cannot be applied makes the image unreadable."""
+    try:
+        return _to_unit_range(arr, meta, ds)
+    except UnreadableImage:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # malformed LUTs, absurd rescale values, out of memory
+        raise UnreadableImage(f"cannot convert pixel values: {describe(exc)}") from None
 
 
 def _to_unit_range(arr: np.ndarray, meta: dict[str, Any], ds: Dataset) -> np.ndarray:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import func, select
 
 from api.deps import SessionDep
+from core.encoding import printable
 from core.tables import Delivery, Instance, Job, Prediction, Report, RoutingDecision, Series, Study
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
@@ -123,7 +124,8 @@ def get_study(study_uid: str, session: SessionDep) -> dict[str, Any]:
                 "status": j.status,
                 "attempts": j.attempts,
                 "next_attempt_at": _iso(j.next_attempt_at) if j.status == "pending" else None,
-                "last_error": (j.last_error or "").splitlines()[0] if j.last_error else None,
+                # The reason only: no traceback, and nothing a dataset put into a message (bytes, controls).
+                "last_error": printable(j.last_error.splitlines()[0], 300) if j.last_error else None,
                 "created_at": _iso(j.created_at),
                 "finished_at": _iso(j.finished_at),
             }

@@ -1,6 +1,7 @@
 import threading
 import time
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,3 +86,23 @@ def test_lower_priority_value_runs_first(factory: sessionmaker[Session]) -> None
     second = jobs.claim(factory, worker_id="w", lease_seconds=60)
     assert first is not None and second is not None
     assert (first.id, second.id) == (urgent, late)
+
+
+@pytest.mark.parametrize("max_takeovers", [0, 2])
+def test_job_whose_workers_keep_dying_is_quarantined(
+    factory: sessionmaker[Session], max_takeovers: int
+) -> None:
+    [job_id] = _enqueue(factory, 1)
+    for death in range(max_takeovers + 1):  # claimed, then taken over max_takeovers times; each worker dies
+        job = jobs.claim(factory, worker_id=f"w{death}", lease_seconds=0.05, max_takeovers=max_takeovers)
+        assert job is not None and (job.id, job.attempts) == (job_id, death + 1)
+        time.sleep(0.1)
+    assert jobs.claim(factory, worker_id="next", lease_seconds=60, max_takeovers=max_takeovers) is None
+    with factory() as s:
+        row = s.get_one(Job, job_id)
+    assert (row.status, row.takeovers, row.finished_at is not None) == ("failed", max_takeovers, True)
+    assert row.last_error == (
+        f"quarantined: its worker died {max_takeovers + 1} times while running it (lease expired; last "
+        f"w{max_takeovers}); not taken over again"
+    )
+    assert jobs.claim(factory, worker_id="later", lease_seconds=60, max_takeovers=max_takeovers) is None

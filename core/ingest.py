@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset
-from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -160,50 +158,6 @@ def validate_instance(ds: Dataset, transfer_syntax_uid: str, limits: IngestSetti
     elif "Rows" in ds or "Columns" in ds or "Image Storage" in UID(meta.sop_class_uid).name:
         raise InvalidDataset("image without pixel data (truncated dataset?)")
     return meta
-
-
-def zero_executable_preamble(data: bytes) -> bytes:
-    """``data`` (a DICOM file) with its 128-byte preamble zeroed when it holds anything.
-
-    A preamble may carry an executable header (``MZ``, ``\\x7fELF``, ...) that turns the file into a
-    program (a PE/DICOM polyglot); nothing we serve reads the preamble, so none is kept. C-STORE files
-    are written with a zero preamble already.
-    """
-    if data[128:132] != b"DICM" or not any(data[:128]):
-        return data
-    return bytes(128) + data[128:]
-
-
-def zero_executable_preamble_file(path: Path) -> bool:
-    """:func:`zero_executable_preamble` in place on a file being written; True when it had to zero."""
-    with open(path, "r+b") as fh:
-        head = fh.read(132)
-        if head[128:132] != b"DICM" or not any(head[:128]):
-            return False
-        fh.seek(0)
-        fh.write(bytes(128))
-        fh.flush()
-        os.fsync(fh.fileno())
-    return True
-
-
-def check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
-    """Refuse an image whose pixel data is missing or shorter than its header promises (a truncated file).
-
-    pydicom reads such files without an error: a cut encapsulated Pixel Data element simply disappears and a
-    cut native one comes back short, so both are checked here.
-    """
-    if "Rows" not in ds or "Columns" not in ds:
-        return  # not an image (SR, KO, ...)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise InvalidDataset("image without pixel data (truncated dataset?)")
-    if "PixelData" in ds and not UID(transfer_syntax_uid).is_compressed:
-        try:
-            expected = int(get_expected_length(ds, unit="bytes"))
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise InvalidDataset(f"image pixel module incomplete: {exc}") from exc
-        if len(ds.PixelData) < expected:
-            raise InvalidDataset(f"pixel data truncated: {len(ds.PixelData)} of {expected} bytes")
 
 
 @dataclass(frozen=True)

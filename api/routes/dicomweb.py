@@ -29,11 +29,12 @@ from core.ingest import (
     IngestError,
     InstanceMeta,
     InvalidDataset,
-    check_pixel_data,
     mark_released,
+    read_instance,
     store_instance,
+    validate_instance,
 )
-from core.settings import Settings
+from core.settings import IngestSettings, Settings
 from core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,10 @@ async def stow(request: Request) -> Response:
         spool = PartSpool(request.headers.get("content-type", ""), storage, limits)
         await run(_check_declared_length, request.headers.get("content-length"), storage, limits)
         await _receive_body(request, spool, limiter, settings.http.stow_idle_seconds)
-        outcomes = [await run(_store_part, path, storage, factory) for path in await run(spool.finish)]
+        outcomes = [
+            await run(_store_part, path, storage, factory, settings.ingest)
+            for path in await run(spool.finish)
+        ]
         await run(_released, factory, {o.study_uid for o in outcomes if o.study_uid})
         content, status = await run(_response, outcomes)
     except BodyRefused as exc:
@@ -142,17 +146,20 @@ async def _receive_body(
             await anyio.to_thread.run_sync(spool.write, chunk, limiter=limiter)
 
 
-def _store_part(path: Path, storage: Storage, factory: sessionmaker[Session]) -> PartOutcome:
+def _store_part(
+    path: Path, storage: Storage, factory: sessionmaker[Session], ingest: IngestSettings
+) -> PartOutcome:
     """Read, check and store one part (worker thread); a bad part becomes a failure item, never an exception.
 
-    The part's temp file is removed here, so the spool never holds more than the parts still to store.
+    The part is read within the ingest limits (a deflate bomb, absurd nesting or an element flood is refused
+    before pydicom builds it) and validated as C-STORE validates. The part's temp file is removed here, so
+    the spool never holds more than the parts still to store.
     """
-    sop_class = sop_instance = None
+    sop_class, sop_instance = _meta_uids(path)
     try:
-        with path.open("rb") as fh:
-            ds = pydicom.dcmread(fh, force=True)
+        ds = read_instance(path, ingest)
         sop_class, sop_instance = _uid(ds.get("SOPClassUID")), _uid(ds.get("SOPInstanceUID"))
-        meta = _validate(ds)
+        meta = _validate(ds, ingest)
         data: bytes | memoryview
         if _has_preamble(path):
             del ds  # a large instance is held once, not twice
@@ -164,7 +171,9 @@ def _store_part(path: Path, storage: Storage, factory: sessionmaker[Session]) ->
         reason = _REASON.get(exc.kind, CANNOT_UNDERSTAND)
         log.info("STOW-RS part %s refused (0x%04X): %s", sop_instance or "<no valid UID>", reason, exc)
         return PartOutcome(_item(sop_class, sop_instance, reason), storage_full=exc.kind == "storage")
-    except Exception as exc:  # whatever a malformed dataset raises while it is read
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # whatever a malformed dataset raises while it is read
         log.info("STOW-RS part %s unreadable (%s)", sop_instance or "<no valid UID>", type(exc).__name__)
         return PartOutcome(_item(sop_class, sop_instance, CANNOT_UNDERSTAND))
     finally:
@@ -172,13 +181,22 @@ def _store_part(path: Path, storage: Storage, factory: sessionmaker[Session]) ->
     return PartOutcome(_item(meta.sop_class_uid, meta.sop_instance_uid), study_uid=meta.study_instance_uid)
 
 
-def _validate(ds: Dataset) -> InstanceMeta:
-    """The checks a part passes before it is stored: the one place STOW-RS validates a dataset."""
+def _meta_uids(path: Path) -> tuple[str | None, str | None]:
+    """SOP Class and Instance UID from the part's file meta: named in its failure item even when the part is
+    refused before its dataset is parsed."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:
+        return None, None
+    return _uid(meta.get("MediaStorageSOPClassUID")), _uid(meta.get("MediaStorageSOPInstanceUID"))
+
+
+def _validate(ds: Dataset, ingest: IngestSettings) -> InstanceMeta:
+    """The checks a part passes before it is stored: the one place STOW-RS validates a dataset (the checks
+    C-STORE makes, core.ingest.validate_instance)."""
     if "TransferSyntaxUID" not in ds.file_meta:
         raise InvalidDataset("part without DICOM file meta information")
-    meta = InstanceMeta.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-    check_pixel_data(ds, meta.transfer_syntax_uid)
-    return meta
+    return validate_instance(ds, str(ds.file_meta.TransferSyntaxUID), ingest)
 
 
 def _has_preamble(path: Path) -> bool:

@@ -28,8 +28,6 @@ from core.ingest import (
     OutOfResources,
     decode_instance,
     read_instance,
-    zero_executable_preamble,
-    zero_executable_preamble_file,
 )
 from core.settings import IngestSettings
 from tests import factories as f
@@ -167,20 +165,6 @@ def test_printable_and_describe_never_carry_bytes_or_controls() -> None:
     assert len(printable("x" * 10_000, 50)) == 50
     assert describe(ValueError("b'\\x00'")) == "ValueError: <bytes>"
     assert describe(KeyError()) == "KeyError"
-
-
-@pytest.mark.parametrize("preamble", [b"MZ\x90\x00", b"\x7fELF\x02", b"#!/bin/sh\n", b"II*\x00"])
-def test_any_preamble_is_zeroed(tmp_path: Path, preamble: bytes) -> None:
-    ds = f.chest_radiograph()
-    data = h.part10(h.encode(ds), sop_class="1.2.3", sop_instance="1.2.3", preamble=preamble)
-    cleaned = zero_executable_preamble(data)
-    assert cleaned[:128] == bytes(128) and cleaned[128:] == data[128:]
-    assert zero_executable_preamble(cleaned) is cleaned  # nothing to do: no copy
-    assert zero_executable_preamble(data[132:]) == data[132:]  # no preamble at all: left alone
-    path = tmp_path / "x.dcm"
-    path.write_bytes(data)
-    assert zero_executable_preamble_file(path) and path.read_bytes() == cleaned
-    assert not zero_executable_preamble_file(path)
 
 
 def test_ingest_maps_limits_to_out_of_resources_and_structure_to_invalid(tmp_path: Path) -> None:

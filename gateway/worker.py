@@ -1,6 +1,6 @@
 """The worker loop: sweep for complete studies, claim a job, run it, record the outcome.
 
-A failure is retried only when it can be transient (database, network, Orthanc, a full disk, memory); any
+A failure is retried only when it can be transient (database, network, Orthanc, a full disk); any
 other exception, whatever its class (a codec's ``PanicException`` is a BaseException), fails the job at once
 with its reason, and the worker goes on with the next job.
 """
@@ -56,20 +56,20 @@ _TRANSIENT_ERRNOS = {
     errno.EAGAIN,
     errno.EMFILE,
     errno.ENFILE,
-    errno.ENOMEM,
 }
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the job later may succeed: the database, the network, Orthanc, disk space or memory
-    failed. Everything else (pydicom, a codec, a model, a bug) fails the same way on every attempt."""
+    """Whether retrying the job later may succeed: the database, the network, Orthanc or disk space failed.
+    Everything else (pydicom, a codec, a model, a bug) fails the same way on every attempt; so does running
+    out of memory under the worker's address-space limit, on the same input."""
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
     if isinstance(
         exc, DisconnectionError | PoolTimeout | OrthancUnavailable | ConnectionError | TimeoutError
     ):
         return True
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
 def job_error(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ def test_acknowledged_study_survives_a_crash(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         proc.send_signal(signal.SIGKILL)  # before the quiet period is over: no job ran yet
         proc.wait(10)
-    assert "complete" not in (tmp_path / "first.log").read_text()
+    assert " complete: job" not in (tmp_path / "first.log").read_text()  # no study job was queued
 
     with storescp(tmp_path / "pacs", pacs_port), gateway_serve(env, tmp_path / "second.log"):
         deadline = time.monotonic() + 60

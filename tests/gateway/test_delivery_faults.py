@@ -139,46 +139,48 @@ def test_report_stored_just_before_the_database_went_away_is_not_sent_twice(
     received: list[str] = []
     stopped, restarted = threading.Event(), threading.Event()
 
-    with postgres_server(base) as admin_url:
-        url = create_database(admin_url)
-        engine = make_engine(url)
-        upgrade(engine)
-        factory = make_sessionmaker(engine)
+    try:
+        with postgres_server(base) as admin_url:
+            url = create_database(admin_url)
+            engine = make_engine(url)
+            upgrade(engine)
+            factory = make_sessionmaker(engine)
 
-        def outage() -> None:
-            with postgres_down(base, admin_url):
-                stopped.set()
-                time.sleep(3)
-            restarted.set()
+            def outage() -> None:
+                with postgres_down(base, admin_url):
+                    stopped.set()
+                    time.sleep(3)
+                restarted.set()
 
-        def handle_store(event: evt.Event) -> int:
-            received.append(str(event.dataset.SOPInstanceUID))
-            if len(received) == 1:  # stored; the database goes away before the answer reaches the gateway
-                threading.Thread(target=outage).start()
-                stopped.wait(60)
-            return 0x0000
+            def handle_store(event: evt.Event) -> int:
+                received.append(str(event.dataset.SOPInstanceUID))
+                if len(received) == 1:  # stored; the database goes away before the answer reaches the gateway
+                    threading.Thread(target=outage).start()
+                    stopped.wait(60)
+                return 0x0000
 
-        port = free_port()
-        ae = AE(ae_title="PACS")
-        ae.supported_contexts = AllStoragePresentationContexts
-        server = ae.start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
-        )
-        assert server is not None
-        try:
-            rt = _runtime(factory, tmp_path, port)
-            _backlog(factory, rt.storage, 1, attempts=0)
-            worker = Worker(rt, name="w")
-            assert worker.run_once()
-            assert restarted.wait(30)
-            while worker.run_once():
-                pass
-            with factory() as session:
-                delivery = session.scalars(select(Delivery)).one()
-                job = session.scalars(select(Job)).one()
-            assert (delivery.status, job.status, delivery.attempts) == ("sent", "done", 1)
-            assert len(received) == 1, received
-        finally:
-            server.shutdown()
-            engine.dispose()
-    shutil.rmtree(base, ignore_errors=True)
+            port = free_port()
+            ae = AE(ae_title="PACS")
+            ae.supported_contexts = AllStoragePresentationContexts
+            server = ae.start_server(
+                ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
+            )
+            assert server is not None
+            try:
+                rt = _runtime(factory, tmp_path, port)
+                _backlog(factory, rt.storage, 1, attempts=0)
+                worker = Worker(rt, name="w")
+                assert worker.run_once()
+                assert restarted.wait(30)
+                while worker.run_once():
+                    pass
+                with factory() as session:
+                    delivery = session.scalars(select(Delivery)).one()
+                    job = session.scalars(select(Job)).one()
+                assert (delivery.status, job.status, delivery.attempts) == ("sent", "done", 1)
+                assert len(received) == 1, received
+            finally:
+                server.shutdown()
+                engine.dispose()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

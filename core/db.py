@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
@@ -53,6 +57,21 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any exception."""
     with factory() as session, session.begin():
         yield session
+
+
+def when_available(call: Callable[[], T], *, patience: float, pause: float = 1.0) -> T:
+    """``call()``; while it fails because the database is unavailable (OperationalError: server down or
+    restarting, connection dropped, SQLite busy past its timeout), try again every ``pause`` seconds for up to
+    ``patience`` seconds, then let the error through. For writes that record work already done."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return call()
+        except OperationalError as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("database unavailable (%s); trying again in %.0f s", exc.orig, pause)
+            time.sleep(pause)
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -12,6 +12,7 @@ concurrent workers never take the same job; on SQLite the write lock taken at BE
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import transaction
+from core.db import transaction, when_available
 from core.tables import AuditEvent, Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 PROCESS_STUDY = "process_study"
 DELIVER = "deliver"
 PULL_ORTHANC_STUDY = "pull_orthanc_study"
+
+
+#: How long recording a job's outcome waits out a database outage before giving up (the job is then taken
+#: over when its lease expires, and done again).
+OUTCOME_PATIENCE_SECONDS = 60.0
 
 
 class PermanentError(Exception):
@@ -163,15 +169,22 @@ def claim(
         return ClaimedJob(job.id, job.kind, dict(job.payload), job.study_id, job.attempts, job.max_attempts)
 
 
-def complete(factory: sessionmaker[Session], job_id: int, *, worker_id: str) -> bool:
-    """Mark done; False if the job was taken over meanwhile (the other worker's result wins)."""
-    with transaction(factory) as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.locked_by == worker_id, Job.status == "running")
-            .values(status="done", finished_at=utcnow(), lease_expires_at=None, last_error=None)
-        )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+def complete(
+    factory: sessionmaker[Session], job_id: int, *, worker_id: str, patience: float = OUTCOME_PATIENCE_SECONDS
+) -> bool:
+    """Mark done; False if the job was taken over meanwhile (the other worker's result wins). A database
+    outage is waited out for up to ``patience`` seconds: the work is done, losing that would redo it."""
+
+    def record() -> bool:
+        with transaction(factory) as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.locked_by == worker_id, Job.status == "running")
+                .values(status="done", finished_at=utcnow(), lease_expires_at=None, last_error=None)
+            )
+            return result.rowcount == 1  # type: ignore[attr-defined]
+
+    return when_available(record, patience=patience)
 
 
 def fail(
@@ -181,21 +194,27 @@ def fail(
     worker_id: str,
     error: str,
     retry_in: float | None,
+    patience: float = OUTCOME_PATIENCE_SECONDS,
 ) -> str:
-    """Record a failure. ``retry_in`` None means permanent. Returns the new status."""
-    with transaction(factory) as session:
-        job = session.get(Job, job_id, with_for_update=session.get_bind().dialect.name == "postgresql")
-        if job is None or job.locked_by != worker_id or job.status != "running":
-            return "lost"
-        job.last_error = error[:4000]
-        job.lease_expires_at = None
-        if retry_in is None or job.attempts >= job.max_attempts:
-            job.status = "failed"
-            job.finished_at = utcnow()
-        else:
-            job.status = "pending"
-            job.next_attempt_at = utcnow() + timedelta(seconds=retry_in)
-        return job.status
+    """Record a failure. ``retry_in`` None means permanent. Returns the new status. A database outage is
+    waited out for up to ``patience`` seconds (else the job would wait for its lease to expire)."""
+
+    def record() -> str:
+        with transaction(factory) as session:
+            job = session.get(Job, job_id, with_for_update=session.get_bind().dialect.name == "postgresql")
+            if job is None or job.locked_by != worker_id or job.status != "running":
+                return "lost"
+            job.last_error = error[:4000]
+            job.lease_expires_at = None
+            if retry_in is None or job.attempts >= job.max_attempts:
+                job.status = "failed"
+                job.finished_at = utcnow()
+            else:
+                job.status = "pending"
+                job.next_attempt_at = utcnow() + timedelta(seconds=retry_in)
+            return job.status
+
+    return when_available(record, patience=patience)
 
 
 def renew_lease(factory: sessionmaker[Session], job_id: int, *, worker_id: str, lease_seconds: float) -> bool:
@@ -206,3 +225,25 @@ def renew_lease(factory: sessionmaker[Session], job_id: int, *, worker_id: str, 
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         )
         return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def refund_attempt(session: Session, job_id: int) -> None:
+    """Take back the attempt that claiming this running job counted: a probe must not use up its retries."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(attempts=Job.attempts - 1)
+    )
+
+
+def run_now(session: Session, *, kind: str, payload_key: str, values: Collection[Any]) -> int:
+    """Make the pending ``kind`` jobs whose ``payload[payload_key]`` is one of ``values`` due now (they were
+    waiting out a backoff that is over); returns how many."""
+    now = utcnow()
+    waiting = session.execute(
+        select(Job.id, Job.payload).where(
+            Job.kind == kind, Job.status == "pending", Job.next_attempt_at > now
+        )
+    ).all()
+    ids = [row.id for row in waiting if row.payload.get(payload_key) in values]
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(next_attempt_at=now))
+    return len(ids)

@@ -8,14 +8,23 @@ import random
 from datetime import timedelta
 from pathlib import Path
 
-from core.db import transaction
-from core.jobs import ClaimedJob, PermanentError, Retry
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core import jobs
+from core.db import transaction, when_available
+from core.jobs import DELIVER, ClaimedJob, PermanentError, Retry
 from core.tables import Delivery, utcnow
 from gateway.runtime import Runtime
 from orthanc.client import OrthancRejected, OrthancUnavailable
 from reporting.delivery import DeliveryResult, backoff_delay, send_cstore
 
 log = logging.getLogger(__name__)
+
+#: While a destination fails, one of its deliveries tries it at least this often (never more often than the
+#: retry cap); the others back off as usual, and the first delivery that gets through brings them all forward.
+#: So a PACS that comes back gets its backlog within about this long, however long it was down.
+PROBE_SECONDS = 30.0
 
 
 def deliver(rt: Runtime, job: ClaimedJob) -> None:
@@ -40,38 +49,63 @@ def deliver(rt: Runtime, job: ClaimedJob) -> None:
             calling_ae=rt.settings.dicom.ae_title,
             timeout=rt.settings.dicom.network_timeout,
         )
-    outcome, status, detail = result.outcome, result.status, result.detail
-    exhausted = job.attempts >= job.max_attempts
+    outcome, detail = result.outcome, result.detail
     delay = backoff_delay(
         job.attempts,
         base=rt.settings.worker.retry_base_seconds,
         cap=rt.settings.worker.retry_cap_seconds,
         rng=random.Random(),
     )
-    with transaction(rt.factory) as session:
-        delivery = session.get(Delivery, job.payload["delivery_id"])
-        assert delivery is not None
-        delivery.attempts = job.attempts
-        delivery.last_status = status
-        if outcome == "sent":
-            delivery.status = "sent"
-            delivery.delivered_at = utcnow()
-            delivery.last_error = None
-            delivery.next_attempt_at = None
-        else:
-            delivery.last_error = detail[:4000]
-            if outcome == "dead":
-                delivery.status = "dead"
-            elif exhausted:
-                delivery.status = "failed"
-            else:
-                delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    delivery_id = job.payload["delivery_id"]
+    # The peer answered (it may have stored the report): forgetting that in a database outage would send it
+    # again later, so keep trying to record it while this worker surely still holds the job.
+    delay, woken = when_available(
+        lambda: _record(rt, job, result, delay), patience=rt.settings.worker.lease_seconds / 2
+    )
+    if woken:
+        log.info("%s answers again: %d waiting deliveries brought forward", dest_name, woken)
     if outcome == "sent":
-        log.info("delivery %d to %s sent", job.payload["delivery_id"], dest_name)
+        log.info("delivery %d to %s sent", delivery_id, dest_name)
     elif outcome == "dead":
         raise PermanentError(f"rejected by {dest_name}: {detail}")
     else:
         raise Retry(f"{dest_name}: {detail}", delay)
+
+
+def _record(rt: Runtime, job: ClaimedJob, result: DeliveryResult, delay: float) -> tuple[float, int]:
+    """Write the outcome to the delivery row; returns the retry delay (shortened when this delivery probes
+    the destination for the others) and how many waiting deliveries a success brought forward."""
+    probe_every = min(PROBE_SECONDS, rt.settings.worker.retry_cap_seconds)
+    woken = 0
+    with transaction(rt.factory) as session:
+        delivery = session.get(Delivery, job.payload["delivery_id"])
+        assert delivery is not None
+        delivery.attempts = job.attempts
+        delivery.last_status = result.status
+        if result.outcome == "sent":
+            delivery.status = "sent"
+            delivery.delivered_at = utcnow()
+            delivery.last_error = None
+            delivery.next_attempt_at = None
+            woken = _wake_waiting(session, delivery.destination)
+        else:
+            delivery.last_error = result.detail[:4000]
+            probing = (
+                result.outcome == "retry"
+                and delay > probe_every
+                and _unprobed(session, delivery, probe_every)
+            )
+            if probing:  # this one probes for the others; the extra tries cost none of its attempts
+                delay = probe_every
+                jobs.refund_attempt(session, job.id)
+                delivery.attempts = job.attempts - 1
+            if result.outcome == "dead":
+                delivery.status = "dead"
+            elif not probing and job.attempts >= job.max_attempts:
+                delivery.status = "failed"
+            else:
+                delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    return delay, woken
 
 
 def upload_to_orthanc(rt: Runtime, path: Path) -> DeliveryResult:
@@ -83,3 +117,40 @@ def upload_to_orthanc(rt: Runtime, path: Path) -> DeliveryResult:
     except OrthancRejected as exc:
         return DeliveryResult("dead", None, str(exc))
     return DeliveryResult("sent", None, f"stored in Orthanc as {', '.join(ids)}")
+
+
+def _unprobed(session: Session, delivery: Delivery, probe_every: float) -> bool:
+    """Other deliveries to this destination wait out a backoff, and none of them will try it within
+    ``probe_every`` seconds. (Ones due already are running or about to, and decide for themselves when they
+    fail; a delivery alone has nobody to probe for and backs off, so probing never outlives the backlog.)"""
+    now = utcnow()
+    soonest = session.scalar(
+        select(Delivery.next_attempt_at)
+        .where(
+            Delivery.destination == delivery.destination,
+            Delivery.status == "pending",
+            Delivery.id != delivery.id,
+            Delivery.next_attempt_at > now,
+        )
+        .order_by(Delivery.next_attempt_at)
+        .limit(1)
+    )
+    return soonest is not None and soonest > now + timedelta(seconds=probe_every)
+
+
+def _wake_waiting(session: Session, destination: str) -> int:
+    """The destination took a delivery: its deliveries waiting out a backoff are due now."""
+    now = utcnow()
+    waiting = set(
+        session.scalars(
+            select(Delivery.id).where(
+                Delivery.destination == destination,
+                Delivery.status == "pending",
+                Delivery.next_attempt_at > now,
+            )
+        )
+    )
+    if not waiting:
+        return 0
+    session.execute(update(Delivery).where(Delivery.id.in_(waiting)).values(next_attempt_at=now))
+    return jobs.run_now(session, kind=DELIVER, payload_key="delivery_id", values=waiting)

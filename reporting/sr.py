@@ -173,6 +173,22 @@ def _not_assessable_group(
     return group
 
 
+def _without_children(root: pydicom.Dataset) -> pydicom.Dataset:
+    """The root content item of a document without its content tree.
+
+    Comprehensive3DSR deep-copies the tree it is given, parses the copy and walks the original once more
+    for the images it references, which took most of the time of a report; it gets the root alone and the
+    tree is attached afterwards. Its check that every referenced image is in the evidence holds by
+    construction here: every IMAGE item is made from one of the sources, and all sources are the evidence.
+    """
+    shell = pydicom.Dataset()
+    for elem in root:
+        if elem.keyword != "ContentSequence":
+            shell.add(elem)
+    shell.ContentSequence = []
+    return shell
+
+
 def build_report(
     *,
     results: Sequence[ImageResult],
@@ -275,9 +291,10 @@ def build_report(
     content.append(notice)
 
     description = f"AI screening: {model.name} {model.version}"[:64]
+    root = report[0]
     sr = Comprehensive3DSR(
         evidence=list(sources),
-        content=report[0],
+        content=_without_children(root),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -292,6 +309,10 @@ def build_report(
         is_verified=False,
         previous_versions=[previous_report] if previous_report is not None else None,
     )
+    sr.ContentSequence = root.ContentSequence
+    # The content view highdicom keeps beside the dataset (`sr.content`): what from_dataset(sr, copy=False)
+    # would parse out of the tree again, which is `report` itself (tests/reporting/test_sr.py checks it).
+    sr._content = report
     log.info(
         "built SR %s (series %s) of %s %s with %d groups",
         sop_instance_uid,

@@ -279,6 +279,31 @@ def test_tracking_uids_are_deterministic_and_unique(chest_study: dict[str, pydic
     assert set(tracking_uids("1.2.3.5")).isdisjoint(first)
 
 
+def test_built_report_content_view_is_its_tree(chest_study: dict[str, pydicom.Dataset]) -> None:
+    """build_report hands highdicom the root alone and attaches the tree: `sr.content` must still be it."""
+    sources = list(chest_study.values())
+    sr = build_report(
+        results=chest_results(chest_study),
+        sources=sources,
+        model=PNEUMONIA,
+        sop_instance_uid="1.2.3.4",
+        series_instance_uid="1.2.3",
+    )
+    report = measurement_report(sr)
+    assert report[0].ContentSequence is sr.ContentSequence
+    labels = sorted(str(g.tracking_identifier) for g in report.get_image_measurement_groups())
+    assert labels == [
+        "image 1: bacterial_pneumonia",
+        "image 1: pneumonia",
+        "image 1: viral_pneumonia",
+        "image 2: pneumonia",
+        "image 3: not assessable",
+    ]
+    # Evidence still lists every source, as when highdicom collected it from the whole tree.
+    evidence = {uids[2] for uids in sr.get_evidence()}
+    assert evidence == {s.SOPInstanceUID for s in sources}
+
+
 def inconsistent_input(
     case: str, study: dict[str, pydicom.Dataset]
 ) -> tuple[list[pydicom.Dataset], list[ImageResult]]:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import transaction
+from core.db import read_session, transaction
 from core.storage import Storage, check_uid
 from core.tables import Instance, Series, Study, utcnow
 
@@ -149,7 +149,7 @@ def store_instance(
 
 def _existing(factory: sessionmaker[Session], sop_uid: str) -> Stored | None:
     try:
-        with factory() as session:
+        with read_session(factory) as session:
             row = session.execute(
                 select(Instance.id, Instance.path, Series.study_id)
                 .join(Series, Instance.series_id == Series.id)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,11 +31,20 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             max_overflow=20,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        # pysqlite's own BEGIN handling defers locks; take the write lock at BEGIN so two writers
-        # never deadlock on a read-to-write upgrade.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+
+
+#: Execution option of a connection that only reads (see read_session).
+_READ_ONLY = "gateway_read_only"
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # pysqlite's own BEGIN handling defers locks; take the write lock at BEGIN so two writers never deadlock
+    # on a read-to-write upgrade. A read-only session needs no lock: WAL readers never wait for the writer.
+    read_only = conn.get_execution_options().get(_READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -72,6 +81,15 @@ def when_available(call: Callable[[], T], *, patience: float, pause: float = 1.0
                 raise
             log.warning("database unavailable (%s); trying again in %.0f s", exc.orig, pause)
             time.sleep(pause)
+
+
+@contextmanager
+def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that only reads: on SQLite it does not queue for the write lock behind other writers (a
+    C-STORE's duplicate check waited there for the workers' commits). Never write through it."""
+    with factory() as session:
+        session.connection(execution_options={_READ_ONLY: True})
+        yield session
 
 
 def is_postgres(engine: Engine) -> bool:

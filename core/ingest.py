@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import transaction
+from core.db import read_session, transaction
 from core.encoding import EncodingError, EncodingLimitExceeded, decode_dataset, read_part10, walk
 from core.pixels import PIXEL_KEYWORDS, CodestreamMismatch, PixelDataError, check_decodable
 from core.settings import IngestSettings
@@ -211,7 +211,7 @@ def store_instance(
 
 def _existing(factory: sessionmaker[Session], sop_uid: str) -> Stored | None:
     try:
-        with factory() as session:
+        with read_session(factory) as session:
             row = session.execute(
                 select(Instance.id, Instance.path, Series.study_id)
                 .join(Series, Instance.series_id == Series.id)

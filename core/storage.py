@@ -38,10 +38,16 @@ class Storage:
         self.tmp_dir = self.root / "tmp"
         self.reserve_bytes = reserve_bytes
 
-    def prepare(self) -> int:
-        """Create the folders and remove temp files left by a crash; returns how many were removed."""
+    def prepare(self, *, remove_leftovers: bool = True) -> int:
+        """Create the folders and remove temp files left by a crash; returns how many were removed.
+
+        Only the process that ingests (``gateway serve``) may remove them: ``tmp/`` holds its files in flight,
+        so a worker process (re)started meanwhile passes ``remove_leftovers=False``.
+        """
         for sub in ("instances", "reports", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if not remove_leftovers:
+            return 0
         removed = 0
         for leftover in self.tmp_dir.glob(_TMP_PREFIX + "*"):
             leftover.unlink(missing_ok=True)

@@ -45,12 +45,12 @@ def _settings() -> Settings:
     return settings
 
 
-def _runtime(settings: Settings, *, migrate: bool) -> Runtime:
+def _runtime(settings: Settings, *, migrate: bool, ingests: bool = True) -> Runtime:
     """The process's runtime, or exit 1 saying why it cannot start (database down, schema out of date)."""
     from gateway.runtime import build_runtime
 
     try:
-        return build_runtime(settings, migrate=migrate)
+        return build_runtime(settings, migrate=migrate, ingests=ingests)
     except Exception as exc:
         typer.echo(f"cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -126,7 +126,7 @@ def worker(
     if parent_pid is not None:
         die_with_parent(parent_pid)
     limit_memory(settings.worker.memory_limit_mb)
-    rt = _runtime(settings, migrate=False)
+    rt = _runtime(settings, migrate=False, ingests=False)  # serve's ingest temp files are not ours to remove
     w = Worker(rt)
     signal.signal(signal.SIGTERM, lambda *_: w.stop.set())
     try:

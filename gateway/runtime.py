@@ -50,8 +50,12 @@ class Runtime:
         self.engine.dispose()
 
 
-def build_runtime(settings: Settings, *, migrate: bool) -> Runtime:
-    """Connect, prepare storage and (``migrate``) bring the schema to head; refuse an out-of-date schema."""
+def build_runtime(settings: Settings, *, migrate: bool, ingests: bool = True) -> Runtime:
+    """Connect, prepare storage and (``migrate``) bring the schema to head; refuse an out-of-date schema.
+
+    ``ingests``: this process receives instances, so the ingest temp files a crash left are its to remove;
+    a worker (False) leaves them alone, as they may be in flight in ``gateway serve``.
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     if migrate:
@@ -63,5 +67,5 @@ def build_runtime(settings: Settings, *, migrate: bool) -> Runtime:
             "run `gateway db upgrade`"
         )
     storage = Storage(settings.storage_dir, reserve_bytes=settings.storage.reserve_bytes)
-    storage.prepare()
+    storage.prepare(remove_leftovers=ingests)
     return Runtime(settings, engine, make_sessionmaker(engine), storage)

@@ -167,6 +167,21 @@ def test_a_killed_worker_is_replaced_while_the_listener_keeps_working(models: Pa
         assert serve.poll() is None
 
 
+def test_a_restarted_worker_leaves_the_files_serve_is_receiving_alone(models: Path, tmp_path: Path) -> None:
+    """storage/tmp holds the instances serve is writing; a worker (re)starting meanwhile must not clean it up
+    (it did: the C-STORE whose temp file a new worker removed was refused with 0xA700)."""
+    env = _env(tmp_path, models, GATEWAY_WORKER__PROCESSES="1")
+    in_flight = tmp_path / "var" / "storage" / "tmp" / ".incoming-in-flight"
+    with gateway_serve(env, tmp_path / "gateway.log"):
+        [first] = _worker_pids(env, 1)
+        in_flight.write_bytes(b"an instance being received")
+        os.kill(first, signal.SIGKILL)
+        _worker_pids(env, 1, exclude=[first])  # the replacement is up: it has prepared its storage
+        assert in_flight.exists()
+    with gateway_serve(env, tmp_path / "again.log"):  # serve, starting, removes what a crash left
+        assert not in_flight.exists()
+
+
 def test_workers_die_with_serve_and_stop_with_it(models: Path, tmp_path: Path) -> None:
     env = _env(tmp_path, models, GATEWAY_WORKER__PROCESSES="1")
     with gateway_serve(env, tmp_path / "first.log") as serve:

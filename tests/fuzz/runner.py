@@ -1,0 +1,419 @@
+"""Runs fuzz cases in a forked child process, so that a segfault, a memory blow-up or a hang is caught too.
+
+The parent draws each recipe (tests.fuzz.mutate), sends it to the child, and waits at most ``timeout`` seconds
+while watching the child's resident memory. A case is a crash when the target raises ``CaseCrash`` (any
+exception other than a refusal, BaseExceptions such as pyo3's PanicException included), when the child dies
+(signal, abort), when its resident memory passes ``memory_mb`` (the child's address space is also capped, at
+twice that plus its size at start), or when it takes longer than ``timeout`` (a hang). After a death, a
+memory crash or a hang the child is replaced.
+
+Crashes are grouped by signature (kind, stage, exception type, innermost frame); the first inputs of each are
+saved under ``crash_dir`` with their recipe and traceback, and each new signature's recipe is minimised.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+import resource
+import signal
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from tests.fuzz.mutate import Op, build_case, generate
+from tests.fuzz.seeds import FAMILY_WEIGHTS, Seed
+from tests.fuzz.target import CaseCrash, Outcome, run_case
+
+Target = Callable[[str, bytes, Path, bool], Outcome]
+_SAVED_PER_SIGNATURE = 3
+#: faulthandler lists frames innermost first; the first of these names found says which stage it was in.
+_STACK_STAGES = (
+    (" in _report\n", "report"),
+    (" in load_dicom_image\n", "pixels"),
+    (" in stored_file\n", "store"),
+    (" in validate\n", "validate"),
+    (" in decode_received\n", "decode"),
+)
+_MINIMISE_ATTEMPTS = 24
+_REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Crash:
+    kind: str  # "exception", "death", "memory", "hang"
+    stage: str  # "decode", "validate", "store", "pixels", "report", or "" when the child died
+    error: str  # exception type, signal name, or the limit passed
+    where: str  # innermost frame "file:line function" ("" when unknown)
+    message: str = ""
+    traceback: str = ""
+
+    @property
+    def signature(self) -> str:
+        return f"{self.kind}:{self.stage}:{self.error}:{self.where}"
+
+
+@dataclass(frozen=True)
+class Case:
+    index: int
+    seed: str
+    ops: list[Op]
+
+
+@dataclass
+class Report:
+    cases: int = 0
+    seconds: float = 0.0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    crashes: Counter[str] = field(default_factory=Counter)  # cases per signature
+    first: dict[str, tuple[Case, Crash]] = field(default_factory=dict)
+    minimal: dict[str, list[Op]] = field(default_factory=dict)
+
+    @property
+    def crash_count(self) -> int:
+        return sum(n for sig, n in self.crashes.items() if not sig.startswith("hang:"))
+
+    @property
+    def hang_count(self) -> int:
+        return sum(n for sig, n in self.crashes.items() if sig.startswith("hang:"))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "cases": self.cases,
+            "seconds": round(self.seconds, 1),
+            "cases_per_s": round(self.cases / self.seconds, 1) if self.seconds else 0.0,
+            "crashes": self.crash_count,
+            "hangs": self.hang_count,
+            "outcomes": dict(self.outcomes),
+            "signatures": {
+                sig: {"cases": n, "seed": self.first[sig][0].seed, "ops": self.minimal.get(sig)}
+                for sig, n in self.crashes.most_common()
+            },
+        }
+
+
+def draw(seeds: Sequence[Seed], seed: int, index: int) -> Case:
+    """Case ``index`` of run ``seed``: the same recipe on every run and machine."""
+    rng = random.Random(f"{seed}:{index}")
+    family = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()))[0]
+    pool = [s for s in seeds if s.name.startswith(f"{family}/")] or list(seeds)
+    chosen = rng.choice(pool)
+    return Case(index, chosen.name, generate(chosen, rng))
+
+
+class Runner:
+    """One child process running cases; ``run(case)`` returns an Outcome or a Crash."""
+
+    def __init__(
+        self,
+        seeds: Sequence[Seed],
+        *,
+        timeout: float = 10.0,
+        memory_mb: int = 2048,
+        target: Target | None = None,
+    ) -> None:
+        self.seeds = {s.name: s for s in seeds}
+        self.timeout = timeout
+        self.memory_mb = memory_mb
+        self.target: Target = target or _default_target
+        self._workdir = Path(tempfile.mkdtemp(prefix="fuzz-work-"))
+        self._fault_log = self._workdir / "faults.txt"
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop()
+        for path in self._workdir.glob("*"):
+            path.unlink()
+        self._workdir.rmdir()
+
+    def run(self, case: Case) -> Outcome | Crash:
+        if self._process is None or not self._process.is_alive():
+            self._start()
+        assert self._conn is not None and self._process is not None
+        self._conn.send((case.seed, case.ops))
+        deadline = time.monotonic() + self.timeout
+        while not self._conn.poll(0.05):
+            if not self._process.is_alive():
+                return self._died()
+            if _rss_mb(self._process.pid) > self.memory_mb:
+                assert self._process.pid is not None
+                os.kill(self._process.pid, signal.SIGUSR1)  # faulthandler: where is it allocating?
+                time.sleep(0.2)
+                self._stop()
+                where, stack = self._fault_stack()
+                return Crash("memory", self._stage(stack), f"RSS>{self.memory_mb}MB", where, "", stack)
+            if time.monotonic() > deadline:
+                self._stop()
+                where, stack = self._fault_stack()
+                return Crash("hang", self._stage(stack), f">{self.timeout:g}s", where, "", stack)
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            return self._died()
+        if reply[0] == "ok":
+            outcome, peak_mb = reply[1], reply[2]
+            if peak_mb > self.memory_mb:
+                self._stop()  # its peak stays high: the next case would be blamed
+                return Crash("memory", "", f"RSS>{self.memory_mb}MB", "", f"peak {peak_mb} MB")
+            return outcome
+        return reply[1]
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("fork")
+        parent, child = context.Pipe()
+        self._process = context.Process(target=self._serve, args=(child,), daemon=True)
+        self._process.start()
+        child.close()
+        self._conn = parent
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            if self._process.is_alive():
+                assert self._process.pid is not None
+                os.kill(self._process.pid, signal.SIGKILL)
+            self._process.join()
+        if self._conn is not None:
+            self._conn.close()
+        self._process = self._conn = None
+
+    def _died(self) -> Crash:
+        assert self._process is not None
+        self._process.join()
+        code = self._process.exitcode or 0
+        self._stop()
+        name = signal.Signals(-code).name if code < 0 else f"exit {code}"
+        where, stack = self._fault_stack()
+        return Crash("death", self._stage(stack), name, where, "", stack)
+
+    def _fault_stack(self) -> tuple[str, str]:
+        """The innermost frame and the stack faulthandler wrote for the last case (a segfault or a hang)."""
+        try:
+            text = self._fault_log.read_text(errors="replace")
+        except OSError:
+            return "", ""
+        stack = text.strip()
+        frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', stack)
+        # innermost frame outside the standard library (copy.deepcopy says little about who called it)
+        library = [f for f in frames if "site-packages" in f[0] or "/python3." not in f[0]]
+        name, line, function = (library or frames or [("", "", "")])[0]
+        where = f"{_short_path(name)}:{line} {function}" if name else ""
+        return where, stack[-8000:]
+
+    @staticmethod
+    def _stage(stack: str) -> str:
+        """The target's stage a faulthandler stack was in (run_case calls one helper per stage)."""
+        for marker, stage in _STACK_STAGES:
+            if marker in stack:
+                return stage
+        return "harness" if "build_case" in stack else ""
+
+    def _serve(self, conn: Connection) -> None:
+        """Child: cap the address space, then run cases until the parent goes away."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        os.environ["RUST_BACKTRACE"] = "0"
+        # Codecs write to stderr; the Python stack of a segfault or a hang goes to a file the parent reads.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        faults = self._fault_log.open("w")
+        faulthandler.enable(faults)
+        faulthandler.register(signal.SIGUSR1, faults, all_threads=False)
+        start_mb = _vm_mb(os.getpid())
+        limit = (start_mb + 2 * self.memory_mb) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        while True:
+            try:
+                name, ops = conn.recv()
+            except EOFError:
+                return
+            seed = self.seeds[name]
+            faults.seek(0)
+            faults.truncate()  # the log holds this case's stack only
+            faulthandler.dump_traceback_later(max(self.timeout - 0.5, 0.1), file=faults)
+            try:
+                transfer_syntax, stream = build_case(seed, ops)
+                # The SR stage reads only the header: one already reported cleanly need not be reported again.
+                report = not _same_header(seed, transfer_syntax, stream)
+                reply: tuple[Any, ...] = ("ok", self.target(transfer_syntax, stream, self._workdir, report))
+            except CaseCrash as crash:
+                reply = ("crash", describe(crash.error, crash.stage))
+            except BaseException as exc:
+                reply = ("crash", describe(exc, "harness"))
+            faulthandler.cancel_dump_traceback_later()
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+            conn.send((*reply, peak_mb) if reply[0] == "ok" else reply)
+
+
+def _default_target(transfer_syntax: str, stream: bytes, workdir: Path, report: bool) -> Outcome:
+    return run_case(transfer_syntax, stream, workdir, report=report)
+
+
+def _same_header(seed: Seed, transfer_syntax: str, stream: bytes) -> bool:
+    """True when everything up to the Pixel Data header equals the seed's, declared the same way."""
+    if transfer_syntax != seed.encoding:
+        return False
+    end = _header_end(seed)
+    return end is not None and len(stream) >= end and stream[:end] == seed.stream[:end]
+
+
+_HEADER_ENDS: dict[str, int | None] = {}
+
+
+def _header_end(seed: Seed) -> int | None:
+    if seed.name not in _HEADER_ENDS:
+        from tests.fuzz.mutate import PIXEL_DATA, scan
+
+        pixels = [e for e in scan(seed.stream, seed.encoding) if e.tag == PIXEL_DATA and e.depth == 0]
+        _HEADER_ENDS[seed.name] = pixels[0].value_at if pixels else None
+    return _HEADER_ENDS[seed.name]
+
+
+def describe(error: BaseException, stage: str) -> Crash:
+    """A crash from an exception: its type and the innermost frame that raised it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f"{_short_path(last.filename)}:{last.lineno} {last.name}"
+    if isinstance(error, MemoryError):
+        return Crash("memory", stage, "MemoryError", where, str(error)[:300], _format(error))
+    name = type(error).__module__ + "." + type(error).__qualname__
+    name = name.removeprefix("builtins.")
+    return Crash("exception", stage, name, where, str(error)[:300], _format(error))
+
+
+def _format(error: BaseException) -> str:
+    text = "".join(traceback.format_exception(error))
+    return text[-8000:]
+
+
+def _short_path(filename: str) -> str:
+    """``pydicom/filereader.py`` for a library, ``inference/preprocess.py`` for ours."""
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1]
+    path = Path(filename)
+    return str(path.relative_to(_REPO)) if path.is_relative_to(_REPO) else path.name
+
+
+def _rss_mb(pid: int | None) -> int:
+    return _status_mb(pid, "VmRSS")
+
+
+def _vm_mb(pid: int | None) -> int:
+    return _status_mb(pid, "VmSize")
+
+
+def _status_mb(pid: int | None, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fp:
+            for line in fp:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) >> 10
+    except OSError:
+        pass
+    return 0
+
+
+# -- a whole run ---------------------------------------------------------------------------------------------
+
+
+def fuzz(
+    seeds: Sequence[Seed],
+    *,
+    cases: int,
+    seed: int,
+    timeout: float = 10.0,
+    memory_mb: int = 2048,
+    crash_dir: Path | None = None,
+    minimise: bool = True,
+    progress: Callable[[Report], None] | None = None,
+    progress_every: int = 1000,
+) -> Report:
+    """Run ``cases`` cases of run ``seed``; save and minimise what crashes."""
+    report = Report()
+    started = time.monotonic()
+    with Runner(seeds, timeout=timeout, memory_mb=memory_mb) as runner:
+        for index in range(cases):
+            case = draw(seeds, seed, index)
+            result = runner.run(case)
+            report.cases += 1
+            if isinstance(result, Crash):
+                signature = result.signature
+                report.crashes[signature] += 1
+                if signature not in report.first:
+                    report.first[signature] = (case, result)
+                    if minimise:
+                        report.minimal[signature] = minimise_case(runner, case, signature)
+                if crash_dir is not None and report.crashes[signature] <= _SAVED_PER_SIGNATURE:
+                    save_crash(
+                        crash_dir, case, result, runner.seeds[case.seed], report.minimal.get(signature)
+                    )
+            else:
+                report.outcomes[result.status] += 1
+            report.seconds = time.monotonic() - started
+            if progress is not None and report.cases % progress_every == 0:
+                progress(report)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def minimise_case(runner: Runner, case: Case, signature: str) -> list[Op]:
+    """Drop operations one at a time while the same crash still happens (a few attempts at most)."""
+    ops = list(case.ops)
+    attempts = 0 if signature.startswith(("hang:", "memory:")) else _MINIMISE_ATTEMPTS
+    changed = True
+    while changed and len(ops) > 1 and attempts > 0:
+        changed = False
+        for i in range(len(ops)):
+            if attempts == 0:
+                break
+            attempts -= 1
+            trial = ops[:i] + ops[i + 1 :]
+            result = runner.run(Case(case.index, case.seed, trial))
+            if isinstance(result, Crash) and result.signature == signature:
+                ops = trial
+                changed = True
+                break
+    return ops
+
+
+def save_crash(folder: Path, case: Case, crash: Crash, seed: Seed, minimal: list[Op] | None) -> Path:
+    """``<folder>/<signature>/case-<index>.json`` (recipe, crash, traceback), ``.ts`` + ``.bin`` (input)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", crash.signature)[:150]
+    target = folder / slug
+    target.mkdir(parents=True, exist_ok=True)
+    record = {
+        "seed": case.seed,
+        "seed_digest": seed.digest,
+        "index": case.index,
+        "ops": case.ops,
+        "minimal_ops": minimal,
+        "crash": crash.__dict__,
+    }
+    path = target / f"case-{case.index}.json"
+    path.write_text(json.dumps(record, indent=1))
+    if not any(op[0] == "bomb" for op in case.ops):
+        transfer_syntax, stream = build_case(seed, case.ops)
+        (target / f"case-{case.index}.ts").write_text(transfer_syntax)
+        (target / f"case-{case.index}.bin").write_bytes(stream)
+    return path

@@ -13,6 +13,8 @@ saved under ``crash_dir`` with their recipe and traceback, and each new signatur
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import faulthandler
 import json
 import logging
@@ -37,16 +39,8 @@ from tests.fuzz.mutate import Op, build_case, generate
 from tests.fuzz.seeds import FAMILY_WEIGHTS, Seed
 from tests.fuzz.target import CaseCrash, Outcome, run_case
 
-Target = Callable[[str, bytes, Path, bool], Outcome]
+Target = Callable[[str, bytes, Path, bool, Callable[[str], None]], Outcome]
 _SAVED_PER_SIGNATURE = 3
-#: faulthandler lists frames innermost first; the first of these names found says which stage it was in.
-_STACK_STAGES = (
-    (" in _report\n", "report"),
-    (" in load_dicom_image\n", "pixels"),
-    (" in stored_file\n", "store"),
-    (" in validate\n", "validate"),
-    (" in decode_received\n", "decode"),
-)
 _MINIMISE_ATTEMPTS = 24
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -132,6 +126,8 @@ class Runner:
         self._fault_log = self._workdir / "faults.txt"
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        # the stage the child is in, readable when it hangs or dies (shared memory, written by the child)
+        self._current = multiprocessing.get_context("fork").Array("c", 16, lock=False)
 
     def __enter__(self) -> Runner:
         return self
@@ -151,7 +147,16 @@ class Runner:
         assert self._conn is not None and self._process is not None
         self._conn.send((case.seed, case.ops))
         deadline = time.monotonic() + self.timeout
-        while not self._conn.poll(0.05):
+        while True:
+            if self._conn.poll(0.05):
+                try:
+                    reply = self._conn.recv()
+                except (EOFError, OSError):
+                    return self._died()
+                if reply[0] != "built":
+                    break
+                deadline = time.monotonic() + self.timeout  # building a bomb is not the gateway's time
+                continue
             if not self._process.is_alive():
                 return self._died()
             if _rss_mb(self._process.pid) > self.memory_mb:
@@ -160,20 +165,17 @@ class Runner:
                 time.sleep(0.2)
                 self._stop()
                 where, stack = self._fault_stack()
-                return Crash("memory", self._stage(stack), f"RSS>{self.memory_mb}MB", where, "", stack)
+                return Crash("memory", self._stage(), f"RSS>{self.memory_mb}MB", where, "", stack)
             if time.monotonic() > deadline:
                 self._stop()
                 where, stack = self._fault_stack()
-                return Crash("hang", self._stage(stack), f">{self.timeout:g}s", where, "", stack)
-        try:
-            reply = self._conn.recv()
-        except (EOFError, OSError):
-            return self._died()
+                return Crash("hang", self._stage(), f">{self.timeout:g}s", where, "", stack)
         if reply[0] == "ok":
             outcome, peak_mb = reply[1], reply[2]
             if peak_mb > self.memory_mb:
                 self._stop()  # its peak stays high: the next case would be blamed
-                return Crash("memory", "", f"RSS>{self.memory_mb}MB", "", f"peak {peak_mb} MB")
+                peak = f"peak {peak_mb} MB after the case"
+                return Crash("memory", self._stage(), f"RSS>{self.memory_mb}MB", "", peak)
             return outcome
         return reply[1]
 
@@ -202,7 +204,13 @@ class Runner:
         self._stop()
         name = signal.Signals(-code).name if code < 0 else f"exit {code}"
         where, stack = self._fault_stack()
-        return Crash("death", self._stage(stack), name, where, "", stack)
+        return Crash("death", self._stage(), name, where, "", stack)
+
+    def _stage(self) -> str:
+        return bytes(self._current.value).decode()
+
+    def _enter(self, stage: str) -> None:
+        self._current.value = stage.encode()
 
     def _fault_stack(self) -> tuple[str, str]:
         """The innermost frame and the stack faulthandler wrote for the last case (a segfault or a hang)."""
@@ -218,16 +226,9 @@ class Runner:
         where = f"{_short_path(name)}:{line} {function}" if name else ""
         return where, stack[-8000:]
 
-    @staticmethod
-    def _stage(stack: str) -> str:
-        """The target's stage a faulthandler stack was in (run_case calls one helper per stage)."""
-        for marker, stage in _STACK_STAGES:
-            if marker in stack:
-                return stage
-        return "harness" if "build_case" in stack else ""
-
     def _serve(self, conn: Connection) -> None:
         """Child: cap the address space, then run cases until the parent goes away."""
+        _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         warnings.simplefilter("ignore")
         logging.disable(logging.CRITICAL)
@@ -249,23 +250,34 @@ class Runner:
             seed = self.seeds[name]
             faults.seek(0)
             faults.truncate()  # the log holds this case's stack only
-            faulthandler.dump_traceback_later(max(self.timeout - 0.5, 0.1), file=faults)
+            self._enter("build")
             try:
                 transfer_syntax, stream = build_case(seed, ops)
+                conn.send(("built",))
+                faulthandler.dump_traceback_later(max(self.timeout - 0.5, 0.1), file=faults)
                 # The SR stage reads only the header: one already reported cleanly need not be reported again.
                 report = not _same_header(seed, transfer_syntax, stream)
-                reply: tuple[Any, ...] = ("ok", self.target(transfer_syntax, stream, self._workdir, report))
+                outcome = self.target(transfer_syntax, stream, self._workdir, report, self._enter)
+                reply: tuple[Any, ...] = ("ok", outcome)
             except CaseCrash as crash:
                 reply = ("crash", describe(crash.error, crash.stage))
             except BaseException as exc:
-                reply = ("crash", describe(exc, "harness"))
+                reply = ("crash", describe(exc, self._stage()))  # a target of a test, or the harness
             faulthandler.cancel_dump_traceback_later()
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
             conn.send((*reply, peak_mb) if reply[0] == "ok" else reply)
 
 
-def _default_target(transfer_syntax: str, stream: bytes, workdir: Path, report: bool) -> Outcome:
-    return run_case(transfer_syntax, stream, workdir, report=report)
+def _die_with_parent() -> None:
+    """Linux prctl(PR_SET_PDEATHSIG, SIGKILL): a killed run leaves no child decoding on."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _default_target(
+    transfer_syntax: str, stream: bytes, workdir: Path, report: bool, entering: Callable[[str], None]
+) -> Outcome:
+    return run_case(transfer_syntax, stream, workdir, report=report, entering=entering)
 
 
 def _same_header(seed: Seed, transfer_syntax: str, stream: bytes) -> bool:
@@ -346,10 +358,11 @@ def fuzz(
     memory_mb: int = 2048,
     crash_dir: Path | None = None,
     minimise: bool = True,
+    stop_on_crash: bool = False,
     progress: Callable[[Report], None] | None = None,
     progress_every: int = 1000,
 ) -> Report:
-    """Run ``cases`` cases of run ``seed``; save and minimise what crashes."""
+    """Run ``cases`` cases of run ``seed``; save and minimise what crashes (or stop at the first)."""
     report = Report()
     started = time.monotonic()
     with Runner(seeds, timeout=timeout, memory_mb=memory_mb) as runner:
@@ -368,6 +381,8 @@ def fuzz(
                     save_crash(
                         crash_dir, case, result, runner.seeds[case.seed], report.minimal.get(signature)
                     )
+                if stop_on_crash:
+                    break
             else:
                 report.outcomes[result.status] += 1
             report.seconds = time.monotonic() - started

@@ -13,6 +13,7 @@ Refusals are outcomes; anything else leaving a stage is a crash, raised as :clas
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +89,21 @@ def stored_file(meta: InstanceMeta, stream: bytes) -> bytes:
     return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), stream))
 
 
-def run_case(transfer_syntax: str, stream: bytes, workdir: Path, *, report: bool = True) -> Outcome:
+def run_case(
+    transfer_syntax: str,
+    stream: bytes,
+    workdir: Path,
+    *,
+    report: bool = True,
+    entering: Callable[[str], None] = lambda stage: None,
+) -> Outcome:
     """Run one received dataset through the listener and, once accepted, the worker's reading of it.
 
     ``report=False`` skips the SR stage (the caller knows the header is one already reported cleanly).
+    ``entering(stage)`` is called as each stage starts (a watchdog then knows where a hang or a death was).
     Raises :class:`CaseCrash` for anything that is not a refusal.
     """
+    entering("decode")
     try:
         ds = decode_received(transfer_syntax, stream)
     except MemoryError as exc:  # refused too, but only after the memory was taken
@@ -103,6 +113,7 @@ def run_case(transfer_syntax: str, stream: bytes, workdir: Path, *, report: bool
     except BaseException as exc:
         raise CaseCrash("decode", exc) from exc
 
+    entering("validate")
     try:
         meta = validate(ds, transfer_syntax)
     except LISTENER_REFUSALS as exc:
@@ -111,11 +122,13 @@ def run_case(transfer_syntax: str, stream: bytes, workdir: Path, *, report: bool
         raise CaseCrash("validate", exc) from exc
 
     path = workdir / "instance.dcm"
+    entering("store")
     try:
         path.write_bytes(stored_file(meta, stream))
     except BaseException as exc:  # validation let through UIDs that the file meta cannot carry
         raise CaseCrash("store", exc) from exc
 
+    entering("pixels")
     try:
         image = load_dicom_image(path)
         _check_image(image)
@@ -126,6 +139,7 @@ def run_case(transfer_syntax: str, stream: bytes, workdir: Path, *, report: bool
 
     if not report or not _routed(meta):
         return Outcome("stored")
+    entering("report")
     try:
         _report(meta, path)
     except BaseException as exc:

@@ -242,6 +242,7 @@ class Runner:
         start_mb = _vm_mb(os.getpid())
         limit = (start_mb + 2 * self.memory_mb) << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        clean_headers: dict[str, bool] = {}
         while True:
             try:
                 name, ops = conn.recv()
@@ -255,9 +256,12 @@ class Runner:
                 transfer_syntax, stream = build_case(seed, ops)
                 conn.send(("built",))
                 faulthandler.dump_traceback_later(max(self.timeout - 0.5, 0.1), file=faults)
-                # The SR stage reads only the header: one already reported cleanly need not be reported again.
-                report = not _same_header(seed, transfer_syntax, stream)
+                # The SR stage reads only the header: a seed's header once reported cleanly need not be again.
+                same = _same_header(seed, transfer_syntax, stream)
+                report = not (same and clean_headers.get(seed.name))
                 outcome = self.target(transfer_syntax, stream, self._workdir, report, self._enter)
+                if same and report and self._stage() == "report":
+                    clean_headers[seed.name] = True
                 reply: tuple[Any, ...] = ("ok", outcome)
             except CaseCrash as crash:
                 reply = ("crash", describe(crash.error, crash.stage))

@@ -96,16 +96,16 @@ def seeds_by_name() -> dict[str, Seed]:
     return {seed.name: seed for seed in all_seeds()}
 
 
+def file_seed(name: str, path: Path, weight: float = 0.0) -> Seed:
+    """A DICOM file's dataset as its sender would put it in P-DATA, declared in its own transfer syntax."""
+    raw = path.read_bytes()
+    ts = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    return Seed(name, ts, ts, raw[_stream_offset(raw) :], weight)
+
+
 def _vendor() -> list[Seed]:
     weight = FAMILY_WEIGHTS["vendor"] / len(VENDOR_FILES)
-    out = []
-    for name in VENDOR_FILES:
-        path = SHARED_DICOM / f"{name}.dcm"
-        raw = path.read_bytes()
-        ds = pydicom.dcmread(path)
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        out.append(Seed(f"vendor/{name}", ts, ts, raw[_stream_offset(raw) :], weight))
-    return out
+    return [file_seed(f"vendor/{name}", SHARED_DICOM / f"{name}.dcm", weight) for name in VENDOR_FILES]
 
 
 def _stream_offset(raw: bytes) -> int:

@@ -44,6 +44,7 @@ class Outcome:
 
     #: "refused" (C-STORE answers a failure status), "unreadable" (stored, pixels refused: not assessable),
     #: "stored" (stored and read, not routed to a model), "reported" (read and listed in an SR).
+    #: ``run_case`` lists an unreadable image in the SR too, as the worker does.
     status: str
     reason: str = ""
 
@@ -129,22 +130,24 @@ def run_case(
         raise CaseCrash("store", exc) from exc
 
     entering("pixels")
+    unreadable = None
     try:
         image = load_dicom_image(path)
         _check_image(image)
     except WORKER_REFUSALS as exc:
-        return Outcome("unreadable", str(exc)[:200])
+        unreadable = Outcome("unreadable", str(exc)[:200])
     except BaseException as exc:
         raise CaseCrash("pixels", exc) from exc
 
+    # The SR lists every routed image, a not assessable one too.
     if not report or not _routed(meta):
-        return Outcome("stored")
+        return unreadable or Outcome("stored")
     entering("report")
     try:
         _report(meta, path)
     except BaseException as exc:
         raise CaseCrash("report", exc) from exc
-    return Outcome("reported")
+    return unreadable or Outcome("reported")
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -1,0 +1,292 @@
+"""One test per crash class the fuzzer found (bench/fuzz.py): each input rebuilt from a seed and a recipe.
+
+Each case runs as the fuzzer runs it (tests/fuzz/target.py in a forked child with a memory cap and a
+timeout) and must end as a refusal (C-STORE failure status, or "not assessable" in the worker) or be read and
+reported: never an exception other than a refusal, a dead child, more than 2 GiB resident, or a hang.
+
+Recipes name attributes instead of byte offsets where they can (``value``, ``vr``, ``length``, ``drop``
+are resolved against the seed's element map); the seeds are rebuilt from ../shared at test time, never stored.
+Classes that today's code fails are marked xfail(strict=True) with what happens; when a fix lands, its
+tests pass and the marks must go.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pydicom.datadict import tag_for_keyword
+from pydicom.uid import UID
+
+from tests.fuzz.mutate import Op, scan
+from tests.fuzz.runner import Case, Crash, Runner
+from tests.fuzz.seeds import Seed, all_seeds, file_seed
+from tests.peers import SHARED_DICOM
+
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def value(keyword: str, text: str | bytes) -> Op:
+    """New value of a top-level attribute (its length follows)."""
+    data = text.encode("latin-1") if isinstance(text, str) else text
+    return ["=value", keyword, data.hex()]
+
+
+def vr(keyword: str, new_vr: str) -> Op:
+    """Another VR for a top-level attribute (explicit VR seeds)."""
+    return ["=vr", keyword, new_vr]
+
+
+def length(keyword: str, new_length: int) -> Op:
+    """Another length field for a top-level attribute."""
+    return ["=length", keyword, new_length]
+
+
+def drop(keyword: str) -> Op:
+    """Remove a top-level attribute."""
+    return ["=drop", keyword]
+
+
+def nest(keyword: str, depth: int) -> Op:
+    """Insert sequence ``keyword`` nested ``depth`` deep (defined lengths) where it belongs in tag order."""
+    return ["=nest", keyword, depth]
+
+
+def resolve(seed: Seed, ops: list[Op]) -> list[Op]:
+    """Attribute-level operations to the byte-level ones the fuzzer replays."""
+    elements = {e.tag: e for e in scan(seed.stream, seed.encoding) if e.depth == 0 and e.kind == "element"}
+    endian = "<" if UID(seed.encoding).is_little_endian else ">"
+    out: list[Op] = []
+    for op in ops:
+        if not str(op[0]).startswith("="):
+            out.append(op)
+            continue
+        tag = tag_for_keyword(op[1])
+        if tag is None:
+            raise AssertionError(f"unknown keyword {op[1]}")
+        if op[0] == "=nest":
+            after = [e.offset for t, e in elements.items() if t > tag]
+            out.append(["nest", min(after, default=len(seed.stream)), tag, op[2], True])
+            continue
+        if tag not in elements:
+            raise AssertionError(f"{seed.name} has no top-level {op[1]}")
+        element = elements[tag]
+        if op[0] == "=value":
+            out.append(["value", element.offset, op[2]])
+        elif op[0] == "=vr":
+            out.append(["put", element.offset + 4, op[2].encode().hex()])
+        elif op[0] == "=length":
+            fmt = endian + ("H" if element.length_size == 2 else "I")
+            out.append(["put", element.length_at, struct.pack(fmt, op[2]).hex()])
+        elif op[0] == "=drop":
+            out.append(["delete", element.offset, element.end - element.offset])
+    return out
+
+
+@dataclass(frozen=True)
+class Regression:
+    name: str
+    seed: str
+    ops: list[Op]
+    #: What today's code does with it (None: it is handled); a non-empty value marks the test xfail.
+    today: str | None
+    timeout: float = 20.0
+    marks: list[Any] = field(default_factory=list)
+
+
+REGRESSIONS = [
+    # -- C-STORE: decoding and validation ----------------------------------------------------------------
+    Regression(
+        "deflate-bomb-1GiB",
+        "mini/dx_chest_small.deflated",
+        [["bomb", 914, 1 << 30], ["ts", DEFLATED]],
+        "memory: pynetdicom's decode (dsutils.py:116) inflates the whole 1 MB stream to 1 GiB in the C-STORE "
+        "handler: more than 2 GiB resident",
+        timeout=60.0,
+    ),
+    Regression(
+        "value-length-vs-vr-in-validation",
+        "factory/dx12.explicit",
+        [vr("BitsAllocated", "FD")],  # a 2-byte value read as 8-byte floats
+        "validate: pydicom.errors.BytesLengthException (hooks.py:256) leaves check_pixel_data, which catches "
+        "only AttributeError/KeyError/TypeError/ValueError (the handler's catch-all then answers 0xC000)",
+    ),
+    # -- worker: the pixel path (inference.preprocess.load_dicom_image) ----------------------------------
+    Regression(
+        "rle-segment-panic",
+        "mini/cr_hip_rle.rle",
+        [["insert", 4800, "fad9"]],
+        "pixels: pyo3_runtime.PanicException (a BaseException) from pylibjpeg-rle (rle/utils.py:114) passes "
+        "every `except Exception` of the pixel path",
+    ),
+    Regression(
+        "rle-panic-hostile-file",
+        "hostile/rle_panic_chest_0",
+        [],
+        "pixels: pyo3_runtime.PanicException from pylibjpeg-rle (the issue's hostile RLE file)",
+    ),
+    Regression(
+        "unknown-vr-in-pixel-module",
+        "factory/dx12.explicit",
+        [vr("RescaleSlope", "DC")],
+        "pixels: NotImplementedError 'Unknown Value Representation' (pydicom hooks.py:248) from "
+        "apply_modality_lut's read of the element, not caught in load_dicom_image",
+    ),
+    Regression(
+        "value-length-vs-vr-in-pixel-module",
+        "factory/dx12.explicit",
+        [vr("RescaleSlope", "FD")],
+        "pixels: pydicom.errors.BytesLengthException (hooks.py:256) from apply_modality_lut's read of the "
+        "element, not caught in load_dicom_image",
+    ),
+    Regression(
+        "number-of-frames-not-a-number",
+        "factory/sc2frames.rle",
+        [value("NumberOfFrames", "abc ")],
+        "pixels: ValueError from int() in inference/preprocess.py:59 number_of_frames",
+    ),
+    Regression(
+        "number-of-frames-multi-valued",
+        "factory/sc2frames.rle",
+        [value("NumberOfFrames", "1\\2 ")],
+        "pixels: TypeError (int() of a MultiValue) in inference/preprocess.py:59 number_of_frames",
+    ),
+    Regression(
+        "rescale-slope-multi-valued",
+        "factory/dx12.rle",
+        [value("RescaleSlope", "1\\2 ")],
+        "pixels: ValueError 'operands could not be broadcast' in pydicom apply_modality_lut "
+        "(processing.py:416), called unguarded by inference/preprocess.py _grayscale",
+    ),
+    Regression(
+        "rescale-slope-empty",
+        "factory/dx12.rle",
+        [value("RescaleSlope", "")],
+        "pixels: TypeError / UFuncOutputCastingError in pydicom apply_modality_lut (processing.py:415-416) "
+        "for an empty Rescale Slope",
+    ),
+    Regression(
+        "rescale-intercept-text-vr",
+        "factory/dx12.explicit",
+        [vr("RescaleIntercept", "DT")],
+        "pixels: numpy UFuncNoLoopError (float + str) in pydicom apply_modality_lut (processing.py:416)",
+    ),
+    Regression(
+        "rescale-slope-overflow",
+        "factory/dx12.explicit",
+        [value("RescaleSlope", "-1e308")],
+        "pixels: load_dicom_image returns NaN/inf pixels (its promise is float32 in [0, 1]); NaN reaches "
+        "the model and a NaN probability makes the SR writer raise",
+    ),
+    Regression(
+        "length-beyond-end-of-file",
+        "factory/dx12.explicit",
+        [length("PixelData", 0xFFFFFFF0)],
+        "pixels: MemoryError: pydicom's dcmread of the stored file asks for the declared 4 GiB "
+        "(filereader.py data_element_generator) under an address-space limit; not caught in read_dataset",
+    ),
+    Regression(
+        "jpeg-ls-stream-as-jpeg-lossless",
+        "mini/cr_chest_jpegls.jpegls",
+        [["ts", JPEG_LOSSLESS_SV1], ["put", 1671, "0000"]],
+        "hang: pylibjpeg-libjpeg decode_pixel_data (libjpeg/utils.py:213) runs for more than a minute and "
+        "grows past 2 GiB on a JPEG-LS codestream declared JPEG Lossless",
+        timeout=10.0,
+    ),
+    # -- worker: the SR writer reading the source (reporting.sr.build_report) ----------------------------
+    Regression(
+        "nesting-300-defined-lengths",
+        "factory/dx12.jpeg-extended",
+        [nest("ProcedureCodeSequence", 300)],
+        "report: Procedure Code Sequence nested 300 deep is accepted; writing the SR grows past 2 GiB",
+        timeout=60.0,
+    ),
+    Regression(
+        "nesting-300-hostile-file",
+        "hostile/nest300_defined_ProcCodeSeq",
+        [],
+        "report: ../shared/dicom/hostile/nest300_defined_ProcCodeSeq.dcm; writing the SR grows past 2 GiB",
+        timeout=60.0,
+    ),
+    Regression(
+        "nesting-1000",
+        "factory/dx12.jpeg-ls",
+        [nest("ProcedureCodeSequence", 1000)],
+        "report: RecursionError in pydicom (datadict.py) while the SR copies the study module",
+    ),
+    Regression(
+        "study-date-invalid",
+        "factory/dx12.jpeg-ls",
+        [value("StudyDate", "2026")],
+        "report: ValueError \"Unable to convert '2026' to 'DA'\" (pydicom valuerep.py) in build_report",
+    ),
+    Regression(
+        "patient-name-invalid",
+        "mini/dx_chest_small.explicit",
+        [value("PatientName", "\\ ")],
+        "report: TypeError 'Invalid type for a person name' (highdicom valuerep.py:48) in build_report",
+    ),
+    Regression(
+        "specific-character-set-unknown",
+        "mini/cr_chest_jpegls.jpegls",
+        [value("SpecificCharacterSet", "ISO_IR 300")],
+        "report: ValueError 'not a valid SpecificCharacterSetValues' (enum) in build_report",
+    ),
+    Regression(
+        "unknown-vr-in-study-module",
+        "factory/dx12.explicit",
+        [vr("StudyTime", "TO")],
+        "report: NotImplementedError 'Unknown Value Representation' (pydicom hooks.py:248) in build_report",
+    ),
+    Regression(
+        "sop-class-not-an-image",
+        "mini/dx_chest_small.implicit",
+        [value("SOPClassUID", "1.2.3\x00")],
+        "report: ValueError 'SOP Class UID does not identify a SOP Class for storage of an image' "
+        "(highdicom sr/templates.py:662)",
+    ),
+    Regression(
+        "patient-sex-missing",
+        "factory/dx12.explicit",
+        [drop("PatientSex")],
+        "report: AttributeError 'no attribute PatientSex' (pydicom dataset.py:918) in build_report",
+    ),
+    Regression(
+        "image-without-rows",
+        "factory/dx12.explicit",
+        [drop("Rows")],
+        "report: accepted (check_pixel_data takes an object without Rows for a non-image), not assessable, "
+        "then AttributeError 'Rows' while the SR lists it",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def seeds() -> dict[str, Seed]:
+    """The fuzzer's seeds and the two files of ../shared/dicom/hostile."""
+    hostile = [
+        file_seed(f"hostile/{name}", SHARED_DICOM / "hostile" / f"{name}.dcm")
+        for name in ("rle_panic_chest_0", "nest300_defined_ProcCodeSeq")
+    ]
+    return {s.name: s for s in (*all_seeds(), *hostile)}
+
+
+def _params() -> Iterator[Any]:
+    for regression in REGRESSIONS:
+        marks = list(regression.marks)
+        if regression.today:
+            marks.append(pytest.mark.xfail(strict=True, reason=regression.today))
+        yield pytest.param(regression, id=regression.name, marks=marks)
+
+
+@pytest.mark.parametrize("regression", _params())
+def test_crash_class_is_handled(regression: Regression, seeds: dict[str, Seed]) -> None:
+    seed = seeds[regression.seed]
+    ops = resolve(seed, regression.ops)
+    with Runner(list(seeds.values()), timeout=regression.timeout) as runner:
+        result = runner.run(Case(0, seed.name, ops))
+    assert not isinstance(result, Crash), f"{result.signature}\n{result.message}\n{result.traceback[-3000:]}"

@@ -3,9 +3,9 @@
 The parent draws each recipe (tests.fuzz.mutate), sends it to the child, and waits at most ``timeout`` seconds
 while watching the child's resident memory. A case is a crash when the target raises ``CaseCrash`` (any
 exception other than a refusal, BaseExceptions such as pyo3's PanicException included), when the child dies
-(signal, abort), when its resident memory passes ``memory_mb`` (the child's address space is also capped, at
-twice that plus its size at start), or when it takes longer than ``timeout`` (a hang). After a death, a
-memory crash or a hang the child is replaced.
+(signal, abort), when its resident memory passes ``memory_mb`` or it asks for more than ``memory_mb`` of
+address space beyond its size at start (RLIMIT_AS: MemoryError), or when it takes longer than ``timeout``
+(a hang). After a death, a memory crash or a hang the child is replaced.
 
 Crashes are grouped by signature (kind, stage, exception type, innermost frame); the first inputs of each are
 saved under ``crash_dir`` with their recipe and traceback, and each new signature's recipe is minimised.
@@ -240,7 +240,7 @@ class Runner:
         faulthandler.enable(faults)
         faulthandler.register(signal.SIGUSR1, faults, all_threads=False)
         start_mb = _vm_mb(os.getpid())
-        limit = (start_mb + 2 * self.memory_mb) << 20
+        limit = (start_mb + self.memory_mb) << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         clean_headers: dict[str, bool] = {}
         while True:

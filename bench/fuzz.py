@@ -11,6 +11,10 @@ Usage: python bench/fuzz.py [--cases 100000] [--seed 1] [--timeout 10] [--memory
 Prints cases/s, outcomes, crashes and hangs (per signature, with a minimal recipe) and exits 1 on any crash
 or hang. Case i of seed N is the same recipe on every run: `--replay N:i` runs just that case and prints its
 traceback. Crashing inputs are saved under --crash-dir (outside the repository) with recipe and traceback.
+
+`--engine atheris [libFuzzer flags]` runs the same target and mutations coverage-guided (atheris, in the
+[test] extra; tests/fuzz/libfuzzer.py) in this process: it stops at the first crash and writes the input
+under --crash-dir; `--replay-input FILE` runs such a file (or any saved input) in the isolated child.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # One thread per codec and BLAS: the cases run one at a time in one child process.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -29,11 +34,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fuzz.runner import Crash, Report, Runner, draw, fuzz  # noqa: E402
-from tests.fuzz.seeds import all_seeds  # noqa: E402
+# tests.fuzz.runner and tests.fuzz.seeds are imported in the functions below: the atheris engine must
+# import pydicom and the gateway's packages itself, inside its instrumentation.
 
 
-def _progress(report: Report) -> None:
+def _progress(report: Any) -> None:
     rate = report.cases / report.seconds if report.seconds else 0.0
     print(
         f"{report.cases} cases, {rate:.1f}/s, {report.crash_count} crashes "
@@ -43,12 +48,34 @@ def _progress(report: Report) -> None:
 
 
 def _replay(spec: str, timeout: float, memory_mb: int) -> int:
+    from tests.fuzz.runner import Crash, Runner, draw
+    from tests.fuzz.seeds import all_seeds
+
     seed, index = (int(part) for part in spec.split(":"))
     seeds = all_seeds()
     case = draw(seeds, seed, index)
     print(json.dumps({"seed": case.seed, "ops": case.ops}))
     with Runner(seeds, timeout=timeout, memory_mb=memory_mb) as runner:
         result = runner.run(case)
+    if isinstance(result, Crash):
+        print(result.signature)
+        print(result.traceback or result.message)
+        return 1
+    print(result)
+    return 0
+
+
+def _replay_input(path: Path, timeout: float, memory_mb: int) -> int:
+    """A libFuzzer input: one byte naming the transfer syntax (index in the listener's list), then P-DATA."""
+    from dicom_listener.server import TRANSFER_SYNTAXES
+    from tests.fuzz.runner import Case, Crash, Runner
+    from tests.fuzz.seeds import Seed
+
+    data = path.read_bytes()
+    transfer_syntax = str(TRANSFER_SYNTAXES[data[0] % len(TRANSFER_SYNTAXES)]) if data else ""
+    seed = Seed("input", transfer_syntax, transfer_syntax, data[1:], 1.0)
+    with Runner([seed], timeout=timeout, memory_mb=memory_mb) as runner:
+        result = runner.run(Case(0, seed.name, []))
     if isinstance(result, Crash):
         print(result.signature)
         print(result.traceback or result.message)
@@ -70,9 +97,36 @@ def main() -> int:
     parser.add_argument("--progress-every", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--replay", metavar="SEED:INDEX", help="run one case and print its traceback")
-    args = parser.parse_args()
+    parser.add_argument("--replay-input", type=Path, metavar="FILE", help="run one libFuzzer input")
+    parser.add_argument(
+        "--engine",
+        choices=["mutate", "atheris"],
+        default="mutate",
+        help="mutate: the seeded loop, every case isolated and counted (default); atheris: coverage-guided "
+        "libFuzzer in this process, stops at the first crash",
+    )
+    args, extra = parser.parse_known_args()
+    if extra and args.engine != "atheris":
+        parser.error(f"unrecognised arguments: {' '.join(extra)} (libFuzzer flags go with --engine atheris)")
     if args.replay:
         return _replay(args.replay, args.timeout, args.memory_mb)
+    if args.replay_input:
+        return _replay_input(args.replay_input, args.timeout, args.memory_mb)
+    if args.engine == "atheris":
+        from tests.fuzz.libfuzzer import run
+
+        run(
+            cases=args.cases,
+            seed=args.seed,
+            timeout=args.timeout,
+            memory_mb=args.memory_mb,
+            crash_dir=args.crash_dir,
+            extra=extra,
+        )
+        return 0
+
+    from tests.fuzz.runner import fuzz
+    from tests.fuzz.seeds import all_seeds
 
     started = time.monotonic()
     seeds = all_seeds()

@@ -350,7 +350,7 @@ def generate(seed: Seed, rng: random.Random) -> list[Op]:
     ops: list[Op] = []
     buf = seed.stream
     for _ in range(count):
-        op = _one(seed, buf, rng)
+        op = mutation(seed, buf, rng)
         if op is None:
             continue
         ops.append(op)
@@ -371,7 +371,8 @@ def generate(seed: Seed, rng: random.Random) -> list[Op]:
     return ops
 
 
-def _one(seed: Seed, buf: bytes, rng: random.Random) -> Op | None:
+def mutation(seed: Seed, buf: bytes, rng: random.Random) -> Op | None:
+    """One operation drawn against the current bytes ``buf`` of ``seed`` (None when none applies)."""
     elements = scan(buf, seed.encoding)
     pixels = next((e for e in elements if e.tag == PIXEL_DATA and e.depth == 0), None)
     header_end = pixels.offset if pixels else len(buf)

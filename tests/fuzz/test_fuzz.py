@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import io
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ from tests.fuzz.mutate import PIXEL_DATA, build_case, nested_sequence, scan
 from tests.fuzz.runner import Case, Crash, Runner, draw, fuzz
 from tests.fuzz.seeds import Seed, all_seeds, seeds_by_name
 from tests.fuzz.target import Outcome, run_case
+from tests.peers import REPO
 
 SHORT_RUN_CASES = 1000
 SHORT_RUN_SEED = 20260101
@@ -123,6 +127,29 @@ def test_runner_reports_exceptions_deaths_hangs_and_memory() -> None:
     assert isinstance(memory, Crash) and memory.kind == "memory"
     assert panic.stage == death.stage == hang.stage == memory.stage == "pixels"
     assert results["t/ok"] == again == Outcome("stored")
+
+
+def test_atheris_engine_runs_the_target(tmp_path: Path) -> None:
+    """``bench/fuzz.py --engine atheris`` runs the same target coverage-guided; a crash it writes replays."""
+    pytest.importorskip("atheris", reason="atheris wheels exist for Linux x86_64 only")
+    crashes = tmp_path / "crashes"
+    command = [sys.executable, str(REPO / "bench" / "fuzz.py"), "--engine", "atheris", "--cases", "20"]
+    run = subprocess.run(
+        [*command, "--seed", "5", "--crash-dir", str(crashes)], capture_output=True, text=True, timeout=600
+    )
+    output = run.stdout + run.stderr
+    written = sorted(crashes.glob("crash-*"))
+    if run.returncode == 0:
+        assert re.search(r"Done \d+ runs", output) and not written, output[-3000:]
+        return
+    assert written and "Traceback" in output, output[-3000:]  # a Python exception, not a harness failure
+    replay = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fuzz.py"), "--replay-input", str(written[0])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert replay.returncode == 1 and replay.stdout.startswith(("exception:", "memory:", "death:", "hang:"))
 
 
 @pytest.mark.xfail(

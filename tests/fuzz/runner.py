@@ -382,9 +382,9 @@ def fuzz(
                     if minimise:
                         report.minimal[signature] = minimise_case(runner, case, signature)
                 if crash_dir is not None and report.crashes[signature] <= _SAVED_PER_SIGNATURE:
-                    save_crash(
-                        crash_dir, case, result, runner.seeds[case.seed], report.minimal.get(signature)
-                    )
+                    first = report.first[signature][0]
+                    minimal = Case(first.index, first.seed, report.minimal.get(signature) or first.ops)
+                    save_crash(crash_dir, case, result, runner.seeds[case.seed], minimal)
                 if stop_on_crash:
                     break
             else:
@@ -416,8 +416,11 @@ def minimise_case(runner: Runner, case: Case, signature: str) -> list[Op]:
     return ops
 
 
-def save_crash(folder: Path, case: Case, crash: Crash, seed: Seed, minimal: list[Op] | None) -> Path:
-    """``<folder>/<signature>/case-<index>.json`` (recipe, crash, traceback), ``.ts`` + ``.bin`` (input)."""
+def save_crash(folder: Path, case: Case, crash: Crash, seed: Seed, minimal: Case | None = None) -> Path:
+    """``<folder>/<signature>/case-<index>.json`` (recipe, crash, traceback), ``.ts`` + ``.bin`` (input).
+
+    ``minimal`` is the smallest recipe known for the signature (it may start from another seed).
+    """
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", crash.signature)[:150]
     target = folder / slug
     target.mkdir(parents=True, exist_ok=True)
@@ -426,7 +429,7 @@ def save_crash(folder: Path, case: Case, crash: Crash, seed: Seed, minimal: list
         "seed_digest": seed.digest,
         "index": case.index,
         "ops": case.ops,
-        "minimal_ops": minimal,
+        "minimal": {"seed": minimal.seed, "ops": minimal.ops} if minimal else None,
         "crash": crash.__dict__,
     }
     path = target / f"case-{case.index}.json"

@@ -281,6 +281,30 @@ REGRESSIONS = [
         "(highdicom sr/templates.py:662)",
     ),
     Regression(
+        "text-attribute-with-numeric-vr",
+        "mini/dx_chest_small.explicit",
+        [vr("InstitutionName", "SS")],
+        "exception:report:TypeError",
+        "report: TypeError 'sequence item 0: expected a bytes-like object, int found' (pydicom filewriter) "
+        "writing the SR that copied Institution Name read as SS",
+    ),
+    Regression(
+        "rows-length-runs-over",
+        "factory/sc2frames.rle",
+        [length("Rows", 0xD8B0)],  # Rows swallows the elements after it: a multi-valued, non-integer Rows
+        "exception:report:TypeError:highdicom/sr/value_types.py",
+        "report: accepted; TypeError 'Argument value must have type int or float' (highdicom "
+        "value_types.py:1159) for the TID 1602 Rows entry in reporting/sr.py _image_library",
+    ),
+    Regression(
+        "sop-instance-uid-as-ds",
+        "mini/dx_chest_small.explicit",
+        [value("SOPInstanceUID", "1.200 "), vr("SOPInstanceUID", "DS")],
+        "exception:report:ValueError:reporting/sr.py",
+        "report: a SOP Instance UID encoded as DS passes check_uid through str(); build_report "
+        "(reporting/sr.py:236) then finds 'no source' for the result: ValueError",
+    ),
+    Regression(
         "patient-sex-missing",
         "factory/dx12.explicit",
         [drop("PatientSex")],

@@ -73,7 +73,7 @@ def _replay_input(path: Path, timeout: float, memory_mb: int) -> int:
 
     data = path.read_bytes()
     transfer_syntax = str(TRANSFER_SYNTAXES[data[0] % len(TRANSFER_SYNTAXES)]) if data else ""
-    seed = Seed("input", transfer_syntax, transfer_syntax, data[1:], 1.0)
+    seed = Seed("input", transfer_syntax, transfer_syntax, data[1:])
     with Runner([seed], timeout=timeout, memory_mb=memory_mb) as runner:
         result = runner.run(Case(0, seed.name, []))
     if isinstance(result, Crash):

@@ -50,7 +50,7 @@ def run(*, cases: int, seed: int, timeout: float, memory_mb: int, crash_dir: Pat
         transfer_syntax, stream = split(data)
         if rng.random() < 0.2 or UID(transfer_syntax).is_deflated:
             return bytes(atheris.Mutate(data, max_size))  # libFuzzer's own byte-level mutations
-        op = mutation(Seed("input", transfer_syntax, transfer_syntax, stream, 1.0), stream, rng)
+        op = mutation(Seed("input", transfer_syntax, transfer_syntax, stream), stream, rng)
         if op is None:
             return data
         if op[0] == "ts":

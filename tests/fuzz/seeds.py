@@ -45,7 +45,7 @@ from tests import factories
 from tests.peers import SHARED_DICOM
 
 VENDOR_FILES = ("cr_chest_jpegls", "cr_hip_rle", "dx_chest_small", "sc_fundus_j2k")
-#: Share of cases drawn from each family (the full vendor files are slow to decode).
+#: Share of cases drawn from each family, the seeds of a family equally (the vendor files are slow to decode).
 FAMILY_WEIGHTS = {"vendor": 0.02, "mini": 0.49, "factory": 0.49}
 MINI_SHAPE = (56, 64)  # rows, columns
 
@@ -58,7 +58,6 @@ class Seed:
     #: The transfer syntax the sender declares (Deflated seeds get a "deflate" mutation).
     transfer_syntax: str
     stream: bytes
-    weight: float
 
     @property
     def digest(self) -> str:
@@ -96,16 +95,15 @@ def seeds_by_name() -> dict[str, Seed]:
     return {seed.name: seed for seed in all_seeds()}
 
 
-def file_seed(name: str, path: Path, weight: float = 0.0) -> Seed:
+def file_seed(name: str, path: Path) -> Seed:
     """A DICOM file's dataset as its sender would put it in P-DATA, declared in its own transfer syntax."""
     raw = path.read_bytes()
     ts = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    return Seed(name, ts, ts, raw[_stream_offset(raw) :], weight)
+    return Seed(name, ts, ts, raw[_stream_offset(raw) :])
 
 
 def _vendor() -> list[Seed]:
-    weight = FAMILY_WEIGHTS["vendor"] / len(VENDOR_FILES)
-    return [file_seed(f"vendor/{name}", SHARED_DICOM / f"{name}.dcm", weight) for name in VENDOR_FILES]
+    return [file_seed(f"vendor/{name}", SHARED_DICOM / f"{name}.dcm") for name in VENDOR_FILES]
 
 
 def _stream_offset(raw: bytes) -> int:
@@ -137,8 +135,7 @@ def _mini() -> list[Seed]:
     variants.append(
         ("mini/dx_chest_small.deflated", dx, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
     )
-    weight = FAMILY_WEIGHTS["mini"] / len(variants)
-    return [Seed(name, enc, ts, encode_stream(ds, enc), weight) for name, ds, enc, ts in variants]
+    return [Seed(name, enc, ts, encode_stream(ds, enc)) for name, ds, enc, ts in variants]
 
 
 def _shrunk(name: str, transfer_syntax: str) -> Dataset:
@@ -184,12 +181,11 @@ def _factory() -> list[Seed]:
         ):
             path = factories.save(ds, Path(tmp) / f"{label}.dcm", codec)
             made.append((f"factory/{label}", pydicom.dcmread(path), ""))
-    weight = FAMILY_WEIGHTS["factory"] / len(made)
     seeds = []
     for name, ds, ts in made:
         _fix_uids(ds, name)
         syntax = ts or str(ds.file_meta.TransferSyntaxUID)
-        seeds.append(Seed(name, syntax, syntax, encode_stream(ds, syntax), weight))
+        seeds.append(Seed(name, syntax, syntax, encode_stream(ds, syntax)))
     return seeds
 
 

@@ -114,8 +114,8 @@ def _crashing_target(
 
 
 def test_runner_reports_exceptions_deaths_hangs_and_memory() -> None:
-    seeds = [Seed(f"t/{k}", ExplicitVRLittleEndian, ExplicitVRLittleEndian, k.encode(), 1.0) for k in "pshm"]
-    seeds.append(Seed("t/ok", ExplicitVRLittleEndian, ExplicitVRLittleEndian, b"o", 1.0))
+    seeds = [Seed(f"t/{k}", ExplicitVRLittleEndian, ExplicitVRLittleEndian, k.encode()) for k in "pshm"]
+    seeds.append(Seed("t/ok", ExplicitVRLittleEndian, ExplicitVRLittleEndian, b"o"))
     with Runner(seeds, timeout=3, memory_mb=256, target=_crashing_target) as runner:
         results = {s.name: runner.run(Case(0, s.name, [])) for s in seeds}
         again = runner.run(Case(0, "t/ok", []))  # a fresh child after the last crash

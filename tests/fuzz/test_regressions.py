@@ -46,6 +46,11 @@ def length(keyword: str, new_length: int) -> Op:
     return ["=length", keyword, new_length]
 
 
+def retag(keyword: str, new_keyword: str) -> Op:
+    """Give a top-level element another tag (its VR and value stay)."""
+    return ["=retag", keyword, new_keyword]
+
+
 def drop(keyword: str) -> Op:
     """Remove a top-level attribute."""
     return ["=drop", keyword]
@@ -90,6 +95,11 @@ def resolve(seed: Seed, ops: list[Op]) -> list[Op]:
         elif op[0] == "=length":
             fmt = endian + ("H" if element.length_size == 2 else "I")
             out.append(["put", element.length_at, struct.pack(fmt, op[2]).hex()])
+        elif op[0] == "=retag":
+            new_tag = tag_for_keyword(op[2]) or 0
+            out.append(
+                ["put", element.offset, struct.pack(endian + "HH", new_tag >> 16, new_tag & 0xFFFF).hex()]
+            )
         elif op[0] == "=drop":
             out.append(["delete", element.offset, element.end - element.offset])
     return out
@@ -125,6 +135,22 @@ REGRESSIONS = [
         "exception:validate:pydicom.errors.BytesLengthException",
         "validate: pydicom.errors.BytesLengthException (hooks.py:256) leaves check_pixel_data, which catches "
         "only AttributeError/KeyError/TypeError/ValueError (the handler's catch-all then answers 0xC000)",
+    ),
+    Regression(
+        "unknown-vr-in-validation",
+        "factory/op8.explicit",
+        [vr("Rows", "UW")],
+        "exception:validate:NotImplementedError",
+        "validate: NotImplementedError 'Unknown Value Representation' (pydicom hooks.py:248) from "
+        "get_expected_length in check_pixel_data (the handler's catch-all then answers 0xC000)",
+    ),
+    Regression(
+        "pixel-data-with-a-text-vr",
+        "mini/dx_chest_small.explicit",
+        [drop("PixelData"), retag("WindowCenter", "PixelData")],
+        "exception:validate:TypeError:core/ingest.py",
+        "validate: TypeError 'object of type DSfloat has no len()' at core/ingest.py:104 check_pixel_data "
+        "(the handler's catch-all then answers 0xC000)",
     ),
     # -- worker: the pixel path (inference.preprocess.load_dicom_image) ----------------------------------
     Regression(

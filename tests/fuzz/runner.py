@@ -5,7 +5,9 @@ while watching the child's resident memory. A case is a crash when the target ra
 exception other than a refusal, BaseExceptions such as pyo3's PanicException included), when the child dies
 (signal, abort), when its resident memory passes ``memory_mb`` or it asks for more than ``memory_mb`` of
 address space beyond its size at start (RLIMIT_AS: MemoryError), or when it takes longer than ``timeout``
-(a hang). After a death, a memory crash or a hang the child is replaced.
+(a hang). After a death, a memory crash or a hang the child is replaced; so is a child whose address space has
+grown by half the bound over its cases (fragmentation would fail later cases for its own reasons), and a case
+whose input could not even be built is run once more in a fresh child.
 
 Crashes are grouped by signature (kind, stage, exception type, innermost frame); the first inputs of each are
 saved under ``crash_dir`` with their recipe and traceback, and each new signature's recipe is minimised.
@@ -142,6 +144,15 @@ class Runner:
         self._workdir.rmdir()
 
     def run(self, case: Case) -> Outcome | Crash:
+        result = self._run_once(case)
+        if isinstance(result, Crash) and result.stage == "build":
+            # Building the input failed in the child (its address space, fragmented by earlier cases, say):
+            # that is the harness's state, not the gateway's; a fresh child tries once more.
+            self._stop()
+            result = self._run_once(case)
+        return result
+
+    def _run_once(self, case: Case) -> Outcome | Crash:
         if self._process is None or not self._process.is_alive():
             self._start()
         assert self._conn is not None and self._process is not None
@@ -170,14 +181,15 @@ class Runner:
                 self._stop()
                 where, stack = self._fault_stack()
                 return Crash("hang", self._stage(), f">{self.timeout:g}s", where, "", stack)
-        if reply[0] == "ok":
-            outcome, peak_mb = reply[1], reply[2]
-            if peak_mb > self.memory_mb:
-                self._stop()  # its peak stays high: the next case would be blamed
-                peak = f"peak {peak_mb} MB after the case"
-                return Crash("memory", self._stage(), f"RSS>{self.memory_mb}MB", "", peak)
-            return outcome
-        return reply[1]
+        kind, result, peak_mb, worn = reply
+        if worn:
+            self._stop()  # address space grown by earlier cases: the next case gets a fresh child
+        if kind == "ok" and peak_mb > self.memory_mb:
+            self._stop()  # its peak stays high: the next case would be blamed
+            peak = f"peak {peak_mb} MB after the case"
+            return Crash("memory", self._stage(), f"RSS>{self.memory_mb}MB", "", peak)
+        assert isinstance(result, (Outcome, Crash))
+        return result
 
     def _start(self) -> None:
         context = multiprocessing.get_context("fork")
@@ -269,7 +281,8 @@ class Runner:
                 reply = ("crash", describe(exc, self._stage()))  # a target of a test, or the harness
             faulthandler.cancel_dump_traceback_later()
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
-            conn.send((*reply, peak_mb) if reply[0] == "ok" else reply)
+            worn = _vm_mb(os.getpid()) > start_mb + self.memory_mb // 2
+            conn.send((*reply, peak_mb, worn))
 
 
 def _die_with_parent() -> None:

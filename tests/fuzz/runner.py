@@ -171,16 +171,18 @@ class Runner:
             if not self._process.is_alive():
                 return self._died()
             if _rss_mb(self._process.pid) > self.memory_mb:
+                stage = self._stage()  # before it moves on
                 assert self._process.pid is not None
                 os.kill(self._process.pid, signal.SIGUSR1)  # faulthandler: where is it allocating?
                 time.sleep(0.2)
                 self._stop()
                 where, stack = self._fault_stack()
-                return Crash("memory", self._stage(), f"RSS>{self.memory_mb}MB", where, "", stack)
+                return Crash("memory", stage, f"RSS>{self.memory_mb}MB", where, "", stack)
             if time.monotonic() > deadline:
+                stage = self._stage()
                 self._stop()
                 where, stack = self._fault_stack()
-                return Crash("hang", self._stage(), f">{self.timeout:g}s", where, "", stack)
+                return Crash("hang", stage, f">{self.timeout:g}s", where, "", stack)
         kind, result, peak_mb, worn = reply
         if worn:
             self._stop()  # address space grown by earlier cases: the next case gets a fresh child

@@ -238,6 +238,24 @@ REGRESSIONS = [
         "(filereader.py data_element_generator) under an address-space limit; not caught in read_dataset",
     ),
     Regression(
+        "file-meta-element-in-the-dataset",
+        "mini/dx_chest_small.implicit",
+        [["put", 0, "02001000"]],  # the first element becomes (0002,0010) Transfer Syntax UID
+        "exception:pixels:AttributeError:inference/preprocess.py",
+        "pixels: the stored file's dataset carries a (0002,0010), which dcmread lets override the file meta; "
+        "inference/preprocess.py:163 then raises AttributeError ('MultiValue' has no 'name') while "
+        "formatting its UnreadableImage",
+    ),
+    Regression(
+        "jpeg-height-zero",
+        "factory/dx12.jpeg-extended",
+        [["put", 1194, "0000"]],  # SOF1 at 1189: number of lines 0 (to be given by a DNL marker)
+        "memory:pixels:",
+        "memory: pylibjpeg-libjpeg decode_pixel_data (libjpeg/utils.py:213) grows past 2 GiB on a JPEG whose "
+        "frame header declares 0 lines",
+        timeout=60.0,
+    ),
+    Regression(
         "jpeg-ls-stream-as-jpeg-lossless",
         "mini/cr_chest_jpegls.jpegls",
         [["ts", JPEG_LOSSLESS_SV1], ["put", 1671, "0000"]],
@@ -329,6 +347,30 @@ REGRESSIONS = [
         "exception:report:ValueError:reporting/sr.py",
         "report: a SOP Instance UID encoded as DS passes check_uid through str(); build_report "
         "(reporting/sr.py:236) then finds 'no source' for the result: ValueError",
+    ),
+    Regression(
+        "patient-orientation-as-at",
+        "mini/dx_chest_small.explicit",
+        [vr("PatientOrientation", "AT")],
+        "exception:report:TypeError:reporting/sr.py",
+        "report: TypeError 'object of type BaseTag has no len()' in reporting/sr.py:97 "
+        "_EntryDescriptors._is_projection_radiography",
+    ),
+    Regression(
+        "uid-as-person-name",
+        "factory/dx12.rle",
+        [vr("StudyInstanceUID", "PN")],
+        "exception:report:TypeError:pydicom/uid.py",
+        "report: a Study Instance UID encoded as PN passes check_uid through str(); the SR's copy raises "
+        "TypeError 'A UID must be created from a string' (pydicom uid.py:83)",
+    ),
+    Regression(
+        "malformed-sequence-read-by-the-sr",
+        "factory/op8.explicit",
+        [["nest", 190, 0x00081032, 8, True], ["put", 298, "ffffffff"]],  # an inner item's length undefined
+        "exception:report:OSError:pydicom/filereader.py",
+        "report: accepted and its pixels read, but the source read for the SR (dcmread without pixels, "
+        "outside any try in gateway/study.py) raises OSError 'No tag to read' (pydicom filereader.py:560)",
     ),
     Regression(
         "patient-sex-missing",

@@ -403,6 +403,8 @@ def seeds() -> dict[str, Seed]:
 def _params() -> Iterator[Any]:
     for regression in REGRESSIONS:
         marks = []
+        if regression.crash.startswith(("memory:", "hang:")):
+            marks.append(pytest.mark.slow)  # runs until the memory bound or the timeout
         if regression.crash:
             marks.append(pytest.mark.xfail(strict=True, raises=KnownCrash, reason=regression.today))
         yield pytest.param(regression, id=regression.name, marks=marks)

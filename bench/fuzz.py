@@ -48,7 +48,8 @@ def _progress(report: Any) -> None:
 
 
 def _replay(spec: str, timeout: float, memory_mb: int) -> int:
-    from tests.fuzz.runner import Crash, Runner, draw
+    from tests.fuzz.campaign import draw
+    from tests.fuzz.runner import Crash, Runner
     from tests.fuzz.seeds import all_seeds
 
     seed, index = (int(part) for part in spec.split(":"))
@@ -125,7 +126,7 @@ def main() -> int:
         )
         return 0
 
-    from tests.fuzz.runner import fuzz
+    from tests.fuzz.campaign import fuzz
     from tests.fuzz.seeds import all_seeds
 
     started = time.monotonic()

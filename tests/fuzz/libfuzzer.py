@@ -28,7 +28,8 @@ def run(*, cases: int, seed: int, timeout: float, memory_mb: int, crash_dir: Pat
     from pydicom.uid import UID
 
     from dicom_listener.server import TRANSFER_SYNTAXES
-    from tests.fuzz.mutate import apply, mutation
+    from tests.fuzz.mutate import mutation
+    from tests.fuzz.recipe import apply
     from tests.fuzz.seeds import Seed, all_seeds
 
     syntaxes = [str(ts) for ts in TRANSFER_SYNTAXES]

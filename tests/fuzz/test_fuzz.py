@@ -18,8 +18,9 @@ import pydicom.filereader
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tests.fuzz.mutate import PIXEL_DATA, build_case, nested_sequence, scan
-from tests.fuzz.runner import Case, Crash, Runner, draw, fuzz
+from tests.fuzz.campaign import draw, fuzz
+from tests.fuzz.recipe import PIXEL_DATA, build_case, nested_sequence, scan
+from tests.fuzz.runner import Case, Crash, Runner
 from tests.fuzz.seeds import Seed, all_seeds, seeds_by_name
 from tests.fuzz.target import Outcome, run_case
 from tests.peers import REPO

@@ -21,7 +21,7 @@ import pytest
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID
 
-from tests.fuzz.mutate import Op, scan
+from tests.fuzz.recipe import Op, scan
 from tests.fuzz.runner import Case, Crash, Runner
 from tests.fuzz.seeds import Seed, all_seeds, file_seed
 from tests.peers import SHARED_DICOM

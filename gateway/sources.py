@@ -11,6 +11,7 @@ Patient/Study attribute the source lacks.
 from __future__ import annotations
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
 from pydicom.sequence import Sequence
 
 from core.domain import InstanceRef
@@ -67,6 +68,8 @@ def _copy(ds: Dataset, depth: int) -> Dataset:
     for elem in ds:
         if elem.tag.is_private or elem.tag.group in (0x7FE0, 0xFFFE) or 0x6000 <= elem.tag.group <= 0x60FF:
             continue
+        if not _dictionary_vr(elem.tag, elem.VR):
+            continue  # e.g. Institution Name sent as SS: the SR writer cannot encode it as the standard says
         if elem.VR == "SQ":
             if depth < MAX_SEQUENCE_DEPTH:
                 out.add_new(
@@ -76,3 +79,12 @@ def _copy(ds: Dataset, depth: int) -> Dataset:
         if len(elem.value if isinstance(elem.value, bytes | str) else str(elem.value)) <= MAX_VALUE_BYTES:
             out.add(elem)
     return out
+
+
+def _dictionary_vr(tag: int, vr: str) -> bool:
+    """True when ``vr`` is one the data dictionary allows for ``tag`` (unknown tags pass)."""
+    try:
+        allowed = dictionary_VR(tag)
+    except KeyError:
+        return True
+    return vr in allowed.split(" or ")

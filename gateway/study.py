@@ -148,7 +148,7 @@ def _report_model(
             sources[ref.sop_instance_uid] = read_source(ref, rt.settings.ingest)
         except UnreadableSource as exc:
             left_out[ref.sop_instance_uid] = str(exc)
-    sr, excluded = _build_report(
+    sr, excluded = build_report_leaving_out_bad_sources(
         results,
         sources,
         model=model.info,
@@ -258,7 +258,7 @@ def _unreportable(results: list[ImageResult], sop_uid: str, reason: str) -> list
     ]
 
 
-def _build_report(
+def build_report_leaving_out_bad_sources(
     results: list[ImageResult], sources: dict[str, pydicom.Dataset], **header: Any
 ) -> tuple[Comprehensive3DSR | None, dict[str, str]]:
     """The SR of the results whose source could be read, and the instances it leaves out with the reason.

@@ -199,13 +199,16 @@ def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, dict[str, Any]]:
 def _unit_range(arr: np.ndarray, meta: dict[str, Any], ds: Dataset) -> np.ndarray:
     """:func:`_to_unit_range`; a LUT or window that cannot be applied makes the image unreadable."""
     try:
-        return _to_unit_range(arr, meta, ds)
+        image = _to_unit_range(arr, meta, ds)
     except UnreadableImage:
         raise
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # malformed LUTs, absurd rescale values, out of memory
         raise UnreadableImage(f"cannot convert pixel values: {describe(exc)}") from None
+    if not np.isfinite(image).all():  # e.g. Rescale Slope -1e308: NaN would reach the model and the SR
+        raise UnreadableImage("pixel values not finite after the modality LUT / VOI window")
+    return image
 
 
 def _to_unit_range(arr: np.ndarray, meta: dict[str, Any], ds: Dataset) -> np.ndarray:

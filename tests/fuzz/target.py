@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom import Dataset
 from pydicom.uid import UID
-from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from core.domain import ImageResult, InstanceRef, ModelInfo
-from core.ingest import IngestError, InstanceMeta, check_pixel_data
-from core.settings import RoutingSettings
+from core.ingest import IngestError, InstanceMeta, decode_instance, validate_instance
+from core.settings import IngestSettings, RoutingSettings
+from gateway.sources import UnreadableSource, read_source
+from gateway.study import build_report_leaving_out_bad_sources
 from inference.preprocess import UnreadableImage, load_dicom_image
 from inference.routing import SeriesInfo, route_series
-from reporting.sr import build_report
 
 #: What the C-STORE handler turns into a refusal status on purpose.
 LISTENER_REFUSALS: tuple[type[BaseException], ...] = (IngestError,)
@@ -62,22 +62,18 @@ class ContractViolation(Exception):
     """The pixel path returned something its callers are promised never to get."""
 
 
-def validate(ds: Dataset, transfer_syntax: str) -> InstanceMeta:
-    """The C-STORE handler's validation of a decoded dataset (``handle_store``), in one place.
+#: The limits the listener and the worker run with (the defaults).
+LIMITS = IngestSettings()
 
-    When ``core.ingest.validate_instance`` lands, this is the one call to switch to it.
-    """
-    meta = InstanceMeta.from_dataset(ds, transfer_syntax)
-    check_pixel_data(ds, meta.transfer_syntax_uid)
-    return meta
+
+def validate(ds: Dataset, transfer_syntax: str) -> InstanceMeta:
+    """The C-STORE handler's validation of a decoded dataset (``handle_store``), in one place."""
+    return validate_instance(ds, transfer_syntax, LIMITS)
 
 
 def decode_received(transfer_syntax: str, stream: bytes) -> Dataset:
-    """The dataset of a C-STORE request as pynetdicom's ``Event.dataset`` decodes it."""
-    ts = UID(transfer_syntax)
-    ds = decode(io.BytesIO(stream), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
-    return ds
+    """The dataset of a C-STORE request as ``handle_store`` decodes it (bounded, before pydicom parses)."""
+    return decode_instance(stream, transfer_syntax, LIMITS)
 
 
 def stored_file(meta: InstanceMeta, stream: bytes) -> bytes:
@@ -109,7 +105,7 @@ def run_case(
         ds = decode_received(transfer_syntax, stream)
     except MemoryError as exc:  # refused too, but only after the memory was taken
         raise CaseCrash("decode", exc) from exc
-    except Exception as exc:  # handle_store's ``except Exception`` answers 0xC000 "unreadable dataset"
+    except LISTENER_REFUSALS as exc:
         return Outcome("refused", f"undecodable: {type(exc).__name__}")
     except BaseException as exc:
         raise CaseCrash("decode", exc) from exc
@@ -173,8 +169,7 @@ def _routed(meta: InstanceMeta) -> bool:
 
 
 def _report(meta: InstanceMeta, path: Path) -> None:
-    """As ``gateway.study`` lists a source: read without pixels, build the SR, encode it."""
-    source = pydicom.dcmread(path, stop_before_pixels=True)
+    """As ``gateway.study`` lists a source: read its header within the limits, build the SR, encode it."""
     ref = InstanceRef(
         study_instance_uid=meta.study_instance_uid,
         series_instance_uid=meta.series_instance_uid,
@@ -182,12 +177,19 @@ def _report(meta: InstanceMeta, path: Path) -> None:
         sop_class_uid=meta.sop_class_uid,
         path=path,
     )
+    try:
+        source = read_source(ref, LIMITS)
+    except UnreadableSource:
+        return  # gateway.study leaves such an image out of the report, with the reason
     result = ImageResult(instance=ref, model=_REPORT_MODEL, assessable=False, reason="fuzz")
-    sr = build_report(
-        results=[result],
-        sources=[source],
+    # As gateway.study does: a source highdicom cannot describe is left out of the report with its reason.
+    sr, _ = build_report_leaving_out_bad_sources(
+        [result],
+        {meta.sop_instance_uid: source},
         model=_REPORT_MODEL,
         sop_instance_uid="2.25.1",
         series_instance_uid="2.25.2",
     )
+    if sr is None:
+        return
     sr.save_as(io.BytesIO(), enforce_file_format=True)

@@ -153,10 +153,6 @@ def test_atheris_engine_runs_the_target(tmp_path: Path) -> None:
     assert replay.returncode == 1 and replay.stdout.startswith(("exception:", "memory:", "death:", "hang:"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="today's validation and pixel path crash (tests/fuzz/test_regressions.py lists each class)",
-)
 def test_short_fuzz_run_has_no_crash_and_no_hang(seeds: tuple[Seed, ...]) -> None:
     report = fuzz(seeds, cases=SHORT_RUN_CASES, seed=SHORT_RUN_SEED, minimise=False, stop_on_crash=True)
     found = {sig: report.first[sig][0] for sig in report.crashes}

@@ -405,8 +405,6 @@ def _params() -> Iterator[Any]:
         marks = []
         if regression.crash.startswith(("memory:", "hang:")):
             marks.append(pytest.mark.slow)  # runs until the memory bound or the timeout
-        if regression.crash:
-            marks.append(pytest.mark.xfail(strict=True, raises=KnownCrash, reason=regression.today))
         yield pytest.param(regression, id=regression.name, marks=marks)
 
 

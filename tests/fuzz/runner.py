@@ -186,13 +186,14 @@ class Runner:
             text = self._fault_log.read_text(errors="replace")
         except OSError:
             return "", ""
-        stack = text.strip()
+        # faulthandler lists the loaded extension modules after the stack (164 with TensorFlow imported)
+        stack = text.split("\nExtension modules:")[0].strip()
         frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', stack)
         # innermost frame outside the standard library (copy.deepcopy says little about who called it)
         library = [f for f in frames if "site-packages" in f[0] or "/python3." not in f[0]]
         name, line, function = (library or frames or [("", "", "")])[0]
         where = f"{_short_path(name)}:{line} {function}" if name else ""
-        return where, stack[-8000:]
+        return where, stack[:8000]  # most recent call first
 
     def _serve(self, conn: Connection) -> None:
         """Child: cap the address space, then run cases until the parent goes away."""

@@ -183,7 +183,7 @@ class WorkerSettings(BaseModel):
     heartbeat_timeout_seconds: float = Field(15.0, gt=0)
     #: /readyz fails once the oldest due job has waited longer than this for a worker (0: no bound).
     max_queue_wait_seconds: float = Field(600.0, ge=0)
-    poll_seconds: float = Field(0.2, gt=0)
+    poll_seconds: float = Field(0.1, gt=0)
     #: A claimed job whose worker stopped renewing it is taken over after this long.
     lease_seconds: float = Field(300.0, gt=0)
     max_attempts: int = Field(8, ge=1)

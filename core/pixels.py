@@ -114,6 +114,9 @@ def check_decodable(ds: Dataset, transfer_syntax_uid: str, limits: IngestSetting
     """
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise PixelDataError("dataset has no pixel data")
+    pixel_vr = ds["PixelData"].VR if "PixelData" in ds else None
+    if pixel_vr not in (None, "OB", "OW", "OB or OW"):  # e.g. sent as UR: its value is text, not pixels
+        raise PixelDataError(f"Pixel Data with VR {printable(str(pixel_vr))}, not OB or OW")
     shape = geometry(ds)
     check_budget(shape, limits)
     syntax = UID(transfer_syntax_uid)

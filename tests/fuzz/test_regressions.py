@@ -325,6 +325,14 @@ REGRESSIONS = [
         "(highdicom sr/templates.py:662)",
     ),
     Regression(
+        "pixel-data-as-text-vr",
+        "factory/dx12.jpeg-lossless",
+        [vr("PixelData", "UR")],
+        "exception:validate:AttributeError",
+        "validate: AttributeError in pydicom encaps.parse_basic_offsets (Pixel Data sent as UR is a str); "
+        "found by the 100,000-case run on the merged code",
+    ),
+    Regression(
         "text-attribute-with-numeric-vr",
         "mini/dx_chest_small.explicit",
         [vr("InstitutionName", "SS")],

@@ -172,12 +172,13 @@ def store_instance(
     storage: Storage,
     factory: sessionmaker[Session],
     meta: InstanceMeta,
-    data: bytes | memoryview,
+    data: bytes | memoryview | Path,
     *,
     source: str,
     calling_ae: str | None = None,
 ) -> Stored:
-    """Durably store ``data`` (a complete DICOM file, preamble and meta included) and index it.
+    """Durably store ``data`` (a complete DICOM file, preamble and meta included: its bytes, or a temp file
+    on the storage volume that becomes the instance file) and index it.
 
     The same SOP Instance UID received again is stored once: the first copy is kept and the call succeeds.
     Raises InsufficientStorage when the file would eat into the volume's free-space reserve (or the disk is
@@ -187,19 +188,23 @@ def store_instance(
     existing = _existing(factory, meta.sop_instance_uid)
     if existing is not None and storage.exists(existing.relative_path):
         return existing
+    size = data.stat().st_size if isinstance(data, Path) else len(data)
     try:
-        if not storage.has_room(len(data)):
+        if not storage.has_room(size):
             raise InsufficientStorage(
                 f"storage volume at its free-space reserve ({storage.reserve_bytes} bytes)"
             )
-        storage.write_bytes(relative, data)
+        if isinstance(data, Path):
+            storage.adopt(relative, data)
+        else:
+            storage.write_bytes(relative, data)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientStorage(f"storage volume full: {exc.strerror}") from exc
         raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from exc
     for attempt in (1, 2, 3):
         try:
-            return _record(factory, meta, relative, len(data), source=source, calling_ae=calling_ae)
+            return _record(factory, meta, relative, size, source=source, calling_ae=calling_ae)
         except IntegrityError:
             # A concurrent association inserted the same study/series/instance first: retry sees it.
             if attempt == 3:

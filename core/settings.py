@@ -177,6 +177,9 @@ class WorkerSettings(BaseModel):
     #: Address-space limit (RLIMIT_AS, MB) of each worker process, so a decoder that runs away kills only
     #: its worker; 0: no limit.
     memory_limit_mb: int = Field(4096, ge=0)
+    #: CPU priority (nice increment, 0-19) of each worker process: on a busy host the DICOM listener and
+    #: the HTTP API run first, so modalities are acknowledged at full speed while inference catches up.
+    nice: int = Field(10, ge=0, le=19)
     #: How often a worker refreshes its worker_heartbeat row.
     heartbeat_seconds: float = Field(5.0, gt=0)
     #: /readyz counts a worker alive while its heartbeat is younger than this.

@@ -6,6 +6,7 @@ of the directory. File names are built only from UIDs that passed validation, an
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -16,7 +17,8 @@ from pydicom.uid import RE_VALID_UID
 
 log = logging.getLogger(__name__)
 
-_TMP_PREFIX = ".incoming-"
+#: Every temp file in ``tmp/`` starts with this: prepare() removes them after a crash.
+TMP_PREFIX = _TMP_PREFIX = ".incoming-"
 
 
 class InvalidUID(ValueError):
@@ -78,6 +80,25 @@ class Storage:
         """Durably write ``data`` to ``relative``; returns the absolute path."""
         target = self.absolute(relative)
         return write_atomic(target, data, tmp_dir=self.tmp_dir)
+
+    def adopt(self, relative: str, source: Path) -> Path:
+        """Durably move the complete file ``source`` to ``relative`` (as :meth:`write_bytes` would write it):
+        fsync, atomic rename, fsync of the folders. A ``source`` on another file system is copied instead
+        (and left for its owner to remove). Returns the absolute path."""
+        target = self.absolute(relative)
+        with open(source, "rb") as fh:
+            os.fsync(fh.fileno())
+        created = _make_parents(target.parent)
+        try:
+            os.chmod(source, 0o644)  # temp files are made 0600; PACS tools and backups read these files
+            os.replace(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return write_atomic(target, source.read_bytes(), tmp_dir=self.tmp_dir)
+        for folder in [target.parent, *[c.parent for c in created]]:
+            _fsync_dir(folder)
+        return target
 
     def exists(self, relative: str) -> bool:
         return self.absolute(relative).is_file()

@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import cast
 
 from pydicom import Dataset
@@ -19,6 +20,7 @@ from core.ingest import (
     MismatchedDataset,
     decode_instance,
     mark_released,
+    read_instance,
     store_instance,
     validate_instance,
 )
@@ -69,6 +71,12 @@ def handle_store(
 ) -> int | Dataset:
     """Store one instance durably, then acknowledge.
 
+    pynetdicom has written the dataset to a temp file as it arrived (:func:`dicom_listener.server.serve`
+    turns its STORE_RECV_CHUNKED_DATASET mode on): that file, with its zero preamble and pynetdicom's file
+    meta, is read within ``limits`` and, once valid, becomes the instance file by an fsync and a rename;
+    anything else about it pynetdicom removes after we return. A request held in memory instead (chunked
+    mode off) is stored as ``event.encoded_dataset()``.
+
     Returns 0x0000 once the file is fsynced and renamed and its row committed (also for a duplicate);
     0xC000 for a dataset the pipeline could not read (malformed or undecodable elements, invalid UIDs,
     sequences nested deeper than allowed, an image without a complete pixel module, pixel data beyond the
@@ -79,9 +87,12 @@ def handle_store(
     calling_ae = event.assoc.requestor.ae_title.strip()
     request = cast(C_STORE, event.request)
     try:
-        stream = cast(BytesIO, request.DataSet)
         syntax = str(event.context.transfer_syntax)
-        ds = decode_instance(stream.getvalue(), syntax, limits)
+        received = _received_file(request)
+        if received is not None:
+            ds = read_instance(received, limits)
+        else:
+            ds = decode_instance(cast(BytesIO, request.DataSet).getvalue(), syntax, limits)
         meta = validate_instance(ds, syntax, limits)
         if meta.sop_class_uid != str(request.AffectedSOPClassUID):
             raise MismatchedDataset(
@@ -91,7 +102,12 @@ def handle_store(
             raise MismatchedDataset("SOP Instance UID differs from the command's Affected SOP Instance UID")
         # The file gets a zero preamble and our own file meta (pynetdicom's encoded_dataset).
         stored = store_instance(
-            storage, factory, meta, event.encoded_dataset(), source="dimse", calling_ae=calling_ae
+            storage,
+            factory,
+            meta,
+            received if received is not None else event.encoded_dataset(),
+            source="dimse",
+            calling_ae=calling_ae,
         )
     except IngestError as exc:
         status = _STATUS[exc.kind]
@@ -126,6 +142,12 @@ def handle_closed(event: Event, factory: sessionmaker[Session], studies: Associa
         mark_released(factory, uids)
     except Exception:  # never raise into pynetdicom; the max-wait rule still completes these studies
         log.exception("could not mark %d studies released", len(uids))
+
+
+def _received_file(request: C_STORE) -> Path | None:
+    """The temp file pynetdicom wrote the request's dataset to (chunked mode), else None."""
+    path = request._dataset_path  # what Event.dataset_path reads; it raises when chunked mode is off
+    return path if isinstance(path, Path) else None
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import errno
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -226,6 +227,7 @@ class GuardedRequestHandler(RequestHandler):
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
+        _remove_partial_dataset(assoc)
         if assoc.dul.is_alive():  # the association thread died (e.g. a handler raised BaseException)
             log.error(
                 "association from %s (%s) ended abnormally; closing its connection", ticket.host, calling
@@ -382,6 +384,18 @@ def _recv_exactly(sock: socket.socket, n: int, deadline: float, settings: DicomS
             raise _Dropped("closed before a complete A-ASSOCIATE-RQ")
         got += k
     return bytes(buf)
+
+
+def _remove_partial_dataset(assoc: Association) -> None:
+    """An association that ended mid-C-STORE leaves the temp file its dataset was being received into
+    (chunked mode, pynetdicom removes it only after the handler ran): remove it."""
+    message = assoc.dimse.message
+    partial = getattr(message, "_data_set_file", None) if message is not None else None
+    if partial is not None:
+        with contextlib.suppress(OSError):
+            partial.close()
+        with contextlib.suppress(OSError):
+            os.unlink(partial.name)
 
 
 def _abort_pdu(reason: int) -> bytes:

@@ -67,11 +67,13 @@ def serve(
 
     from api.main import create_app
     from core.heartbeat import remove_heartbeats
+    from dicom_listener.server import receive_into
     from dicom_listener.server import serve as serve_dicom
     from gateway.supervisor import Supervisor, worker_command
 
     settings = _settings()
     rt = _runtime(settings, migrate=migrate)
+    receive_into(rt.storage)
     try:
         listener = serve_dicom(settings, rt.storage, rt.factory)
     except SettingsError as exc:  # a TLS certificate or key that does not load
@@ -119,13 +121,14 @@ def worker(
     ] = None,
 ) -> None:
     """Run one worker process (production: several, sharing the PostgreSQL job table)."""
-    from gateway.supervisor import die_with_parent, limit_memory
+    from gateway.supervisor import die_with_parent, limit_memory, lower_priority
     from gateway.worker import Worker
 
     settings = _settings()
     if parent_pid is not None:
         die_with_parent(parent_pid)
     limit_memory(settings.worker.memory_limit_mb)
+    lower_priority(settings.worker.nice)
     rt = _runtime(settings, migrate=False, ingests=False)  # serve's ingest temp files are not ours to remove
     w = Worker(rt)
     signal.signal(signal.SIGTERM, lambda *_: w.stop.set())

@@ -207,6 +207,16 @@ def die_with_parent(parent_pid: int, *, poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def lower_priority(increment: int) -> None:
+    """Add ``increment`` to this process's nice value (0 leaves it): the worker yields the CPU to the
+    listener and the API of the same host whenever both want it."""
+    if increment > 0:
+        try:
+            os.nice(increment)
+        except OSError as exc:  # not allowed here (some containers): run at the inherited priority
+            log.warning("cannot lower the worker's CPU priority: %s", exc)
+
+
 def limit_memory(megabytes: int) -> None:
     """Cap this process's address space (RLIMIT_AS) at ``megabytes``; 0 leaves it unlimited. Past the cap an
     allocation fails (MemoryError, or a crash inside a C library) instead of the host running out."""

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+
+from core.storage import Storage
+from dicom_listener.server import receive_into
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -35,6 +39,18 @@ STORESCU_FLAGS = {
     "1.2.840.10008.1.2.5": "-xr",
     "1.2.840.10008.1.2.1.99": "-xd",
 }
+
+
+@contextmanager
+def receiving_into(storage: Storage) -> Iterator[None]:
+    """An in-process listener receives into ``storage``'s tmp/ as `gateway serve` does (``receive_into``
+    sets tempfile's process-wide folder and prefix); restored afterwards."""
+    saved = tempfile.tempdir, tempfile.template
+    receive_into(storage)
+    try:
+        yield
+    finally:
+        tempfile.tempdir, tempfile.template = saved
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:

@@ -7,9 +7,15 @@ import socket
 import struct
 import subprocess
 import time
+from io import BytesIO
 
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
@@ -21,8 +27,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 LOOPBACK = "127.0.0.1"
 
 
-def associate_rq(calling: str = "MODALITY", called: str = "GATEWAY") -> bytes:
-    """A valid A-ASSOCIATE-RQ PDU proposing Verification, as a modality would send it."""
+def associate_rq(
+    calling: str = "MODALITY", called: str = "GATEWAY", context: tuple[str, str] | None = None
+) -> bytes:
+    """A valid A-ASSOCIATE-RQ PDU proposing Verification (or ``context``: abstract syntax, transfer syntax),
+    as a modality would send it."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = calling
@@ -32,12 +41,45 @@ def associate_rq(calling: str = "MODALITY", called: str = "GATEWAY") -> bytes:
     implementation = ImplementationClassUIDNotification()
     implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.3.0.4"
     primitive.user_information = [max_length, implementation]
-    context = build_context(Verification)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
+    proposed = build_context(Verification) if context is None else build_context(*context)
+    proposed.context_id = 1
+    primitive.presentation_context_definition_list = [proposed]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return pdu.encode()
+
+
+def store_partially(port: int, ds: Dataset, calling: str = "PYNETDICOM") -> socket.socket:
+    """Associate over a raw socket, send a C-STORE-RQ command and the first fragment of ``ds`` (explicit VR
+    little endian), then stop sending; returns the open socket."""
+    sock = connect(port)
+    sock.sendall(associate_rq(calling, context=(str(ds.SOPClassUID), ExplicitVRLittleEndian)))
+    header = _recv_exactly(sock, 6)
+    assert header[0] == 0x02, f"association not accepted (PDU type 0x{header[0]:02X})"
+    _recv_exactly(sock, struct.unpack(">L", header[2:])[0])
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    fragments = message.encode_msg(1, 16382)
+    for primitive in (next(fragments), next(fragments)):  # the command, the dataset's first fragment
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        sock.sendall(pdu.encode())
+    return sock
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "closed by the server"
+        data += chunk
+    return data
 
 
 def pdu_header(pdu_type: int, length: int) -> bytes:

@@ -32,7 +32,7 @@ from core.tables import Instance
 from dicom_listener.server import Listener, serve
 from tests import factories as f
 from tests import hostile as h
-from tests.peers import SHARED_DICOM, STORESCU_FLAGS, storescu
+from tests.peers import SHARED_DICOM, STORESCU_FLAGS, receiving_into, storescu
 
 CANNOT_UNDERSTAND, MISMATCH, OUT_OF_RESOURCES = 0xC000, 0xA900, 0xA700
 
@@ -59,9 +59,10 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     storage.prepare()
     factory = make_sessionmaker(engine)
     dicom = DicomSettings(host="127.0.0.1", port=0, acse_timeout=5, dimse_timeout=30, network_timeout=30)
-    listener = serve(Settings(dicom=dicom), storage, factory)
-    yield Gateway(listener, factory, storage)
-    listener.shutdown()
+    with receiving_into(storage):
+        listener = serve(Settings(dicom=dicom), storage, factory)
+        yield Gateway(listener, factory, storage)
+        listener.shutdown()
     engine.dispose()
 
 

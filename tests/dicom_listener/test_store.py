@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -20,7 +19,8 @@ from core.storage import Storage
 from core.tables import Instance, Series, Study
 from dicom_listener.server import Listener, serve
 from tests import factories as f
-from tests.peers import SHARED_DICOM, send_file, storescu, wait_for
+from tests.dicom_listener.sockets import store_partially
+from tests.peers import SHARED_DICOM, receiving_into, send_file, storescu, wait_for
 
 REAL_FILES = sorted(SHARED_DICOM.glob("*.dcm"))
 
@@ -35,9 +35,10 @@ def listener(storage: Storage, factory: sessionmaker[Session]) -> Iterator[Liste
         dimse_timeout=10,
         network_timeout=10,
     )
-    server = serve(Settings(dicom=dicom), storage, factory)
-    yield server
-    server.shutdown()
+    with receiving_into(storage):
+        server = serve(Settings(dicom=dicom), storage, factory)
+        yield server
+        server.shutdown()
 
 
 def _count(factory: sessionmaker[Session]) -> int:
@@ -232,13 +233,15 @@ def test_disk_failure_answers_out_of_resources(
     listener: Listener, factory: sessionmaker[Session], storage: Storage, stored_before: int, tmp_path: Path
 ) -> None:
     path = f.save(f.chest_radiograph(), tmp_path / "x.dcm")
-    shutil.rmtree(storage.tmp_dir)
-    storage.tmp_dir.write_bytes(b"")  # the spool folder is now a file: every write fails (ENOTDIR)
+    instances = storage.root / "instances"
+    instances.rename(storage.root / "kept")
+    instances.write_bytes(b"")  # the instance folder is now a file: no instance can be stored (ENOTDIR)
     try:
         assert send_file(listener.port, path) == 0xA700
+        assert list(storage.tmp_dir.iterdir()) == []  # the received file was removed
     finally:
-        storage.tmp_dir.unlink()
-        storage.prepare()
+        instances.unlink()
+        (storage.root / "kept").rename(instances)
     _assert_kept(factory, storage, stored_before)
     assert send_file(listener.port, path) == 0x0000  # recovered
     _assert_kept(factory, storage, stored_before + 1)
@@ -257,3 +260,35 @@ def test_release_starts_the_quiet_period(listener: Listener, factory: sessionmak
     assert study.released_at >= study.last_received_at
     with factory() as s:
         assert s.scalars(select(Series)).one().modality == "DX"
+
+
+def test_received_file_becomes_the_instance_file(
+    listener: Listener, factory: sessionmaker[Session], storage: Storage, tmp_path: Path
+) -> None:
+    """The dataset is received into a temp file in the storage volume, which is renamed into place: the
+    stored file is the preamble, pynetdicom's file meta and exactly the bytes sent."""
+    ds = f.chest_radiograph()
+    path = f.save(ds, tmp_path / "x.dcm")
+    assert send_file(listener.port, path) == 0x0000
+    with factory() as s:
+        stored = storage.absolute(s.scalars(select(Instance)).one().path)
+    data, sent = stored.read_bytes(), path.read_bytes()
+    assert data[:128] == bytes(128) and data[128:132] == b"DICM"
+    dataset = sent[132 + 12 + int.from_bytes(sent[140:144], "little") :]  # after the sender's file meta
+    assert data.endswith(dataset) and pydicom.dcmread(stored).SOPInstanceUID == ds.SOPInstanceUID
+    assert oct(stored.stat().st_mode & 0o777) == "0o644"
+    assert list(storage.tmp_dir.iterdir()) == []
+
+
+def test_association_aborted_mid_dataset_leaves_no_temp_file(
+    listener: Listener, storage: Storage, stored_before: int, factory: sessionmaker[Session]
+) -> None:
+    """A sender that dies halfway through a C-STORE: the part received is removed, nothing is stored."""
+    sock = store_partially(listener.port, f.chest_radiograph())
+    try:
+        wait_for("the dataset to be received into a temp file", lambda: list(storage.tmp_dir.iterdir()), 10)
+    finally:
+        sock.close()  # no A-ABORT, no release: the peer is just gone
+    wait_for("the partial file to be removed", lambda: not list(storage.tmp_dir.iterdir()), 10)
+    _assert_kept(factory, storage, stored_before)
+    assert send_file(listener.port, f.save(f.chest_radiograph(), storage.root / "y.dcm")) == 0x0000

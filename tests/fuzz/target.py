@@ -1,7 +1,8 @@
 """The fuzz target: what the gateway runs on one dataset received by C-STORE, and on it once accepted.
 
-Listener (``dicom_listener.handlers.handle_store``): the P-DATA bytes decoded as pynetdicom's
-``event.dataset`` decodes them, then the handler's validation (:func:`validate`). Worker, for an accepted
+Listener (``dicom_listener.handlers.handle_store``): the P-DATA bytes written to a file as pynetdicom's
+chunked receive writes them and read as the handler reads that file, then the handler's validation
+(:func:`validate`). Worker, for an accepted
 instance: the stored file (``event.encoded_dataset()``: preamble, pynetdicom's file meta, the bytes as
 received) read by the pixel path as ``inference.model.run_model`` reads it, and, when the instance would be
 routed to a model, the SR writer reading it as a source (``gateway.study``: ``dcmread`` without pixels,
@@ -23,7 +24,7 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from core.domain import ImageResult, InstanceRef, ModelInfo
-from core.ingest import IngestError, InstanceMeta, decode_instance, validate_instance
+from core.ingest import IngestError, InstanceMeta, read_instance, validate_instance
 from core.settings import IngestSettings, RoutingSettings
 from gateway.sources import UnreadableSource, read_source
 from gateway.study import build_report_leaving_out_bad_sources
@@ -71,9 +72,21 @@ def validate(ds: Dataset, transfer_syntax: str) -> InstanceMeta:
     return validate_instance(ds, transfer_syntax, LIMITS)
 
 
-def decode_received(transfer_syntax: str, stream: bytes) -> Dataset:
-    """The dataset of a C-STORE request as ``handle_store`` decodes it (bounded, before pydicom parses)."""
-    return decode_instance(stream, transfer_syntax, LIMITS)
+#: The command's UIDs in the received file's meta (the fuzzed dataset's own may not be valid UIDs).
+_COMMAND_UIDS = (UID("1.2.840.10008.5.1.4.1.1.1"), UID("1.2.826.0.1.3680043.10.1.1"))
+
+
+def decode_received(transfer_syntax: str, stream: bytes, workdir: Path) -> Dataset:
+    """The dataset of a C-STORE request as ``handle_store`` reads it: the file pynetdicom received it into
+    (zero preamble, file meta from the command, the bytes as received), read within the limits."""
+    path = workdir / "received.dcm"
+    meta = create_file_meta(
+        sop_class_uid=_COMMAND_UIDS[0],
+        sop_instance_uid=_COMMAND_UIDS[1],
+        transfer_syntax=UID(transfer_syntax),
+    )
+    path.write_bytes(b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), stream)))
+    return read_instance(path, LIMITS)
 
 
 def stored_file(meta: InstanceMeta, stream: bytes) -> bytes:
@@ -102,7 +115,7 @@ def run_case(
     """
     entering("decode")
     try:
-        ds = decode_received(transfer_syntax, stream)
+        ds = decode_received(transfer_syntax, stream, workdir)
     except MemoryError as exc:  # refused too, but only after the memory was taken
         raise CaseCrash("decode", exc) from exc
     except LISTENER_REFUSALS as exc:

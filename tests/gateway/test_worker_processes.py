@@ -118,6 +118,12 @@ def _parent(pid: int) -> int:
     return int(fields[1])
 
 
+def _nice(pid: int) -> int:
+    fields = _stat(pid)
+    assert fields is not None, f"process {pid} is gone"
+    return int(fields[16])  # /proc/PID/stat field 19 (nice), counted from the state (field 3)
+
+
 def _address_space_limit(pid: int) -> int | None:
     """The soft RLIMIT_AS of ``pid`` in bytes; None when unlimited."""
     with open(f"/proc/{pid}/limits") as limits:
@@ -142,6 +148,7 @@ def test_a_killed_worker_is_replaced_while_the_listener_keeps_working(models: Pa
         for pid in pids:
             assert _parent(pid) == serve.pid
             assert _address_space_limit(pid) == 4096 << 20  # the default GATEWAY_WORKER__MEMORY_LIMIT_MB
+            assert _nice(pid) == _nice(serve.pid) + 10  # the default GATEWAY_WORKER__NICE
         assert _address_space_limit(serve.pid) != 4096 << 20  # the listener and API are not limited
 
         os.kill(pids[0], signal.SIGKILL)

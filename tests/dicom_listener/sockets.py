@@ -62,7 +62,9 @@ def store_partially(port: int, ds: Dataset, calling: str = "PYNETDICOM") -> sock
     request.AffectedSOPClassUID = ds.SOPClassUID
     request.AffectedSOPInstanceUID = ds.SOPInstanceUID
     request.Priority = 2
-    request.DataSet = BytesIO(encode(ds, False, True))
+    encoded = encode(ds, False, True)
+    assert encoded is not None, "dataset cannot be encoded"
+    request.DataSet = BytesIO(encoded)
     message = C_STORE_RQ()
     message.primitive_to_message(request)
     fragments = message.encode_msg(1, 16382)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from highdicom.sr import Comprehensive3DSR
 from sqlalchemy import select
@@ -99,8 +100,9 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
         study_id = study.id
     with transaction(rt.factory) as session:
         session.add_all(decisions)
+    decoded: dict[Path, np.ndarray | str] = {}  # each image decoded once for all the study's models
     for model_name, refs in by_model.items():
-        _report_model(rt, job, study_id, study_uid, model_name, refs)
+        _report_model(rt, job, study_id, study_uid, model_name, refs, decoded)
 
 
 def _ref(study_uid: str, series_uid: str, instance: Instance, rt: Runtime) -> InstanceRef:
@@ -114,7 +116,13 @@ def _ref(study_uid: str, series_uid: str, instance: Instance, rt: Runtime) -> In
 
 
 def _report_model(
-    rt: Runtime, job: ClaimedJob, study_id: int, study_uid: str, model_name: str, refs: list[InstanceRef]
+    rt: Runtime,
+    job: ClaimedJob,
+    study_id: int,
+    study_uid: str,
+    model_name: str,
+    refs: list[InstanceRef],
+    decoded: dict[Path, np.ndarray | str],
 ) -> None:
     model = rt.registry.get(model_name)
     assert model is not None
@@ -139,7 +147,7 @@ def _report_model(
 
     captures_wanted = rt.settings.reporting.secondary_capture
     results: list[ImageResult] = run_model(
-        model, refs, with_heatmap=captures_wanted, limits=rt.settings.ingest
+        model, refs, with_heatmap=captures_wanted, limits=rt.settings.ingest, decoded=decoded
     )
     sources: dict[str, pydicom.Dataset] = {}
     left_out: dict[str, str] = {}
@@ -170,7 +178,9 @@ def _report_model(
     relative = rt.storage.report_path(study_uid, uid)
     write_report(sr, rt.storage.absolute(relative))
     captures = (
-        _write_captures(rt, results, {k: v for k, v in sources.items() if k not in left_out}, uid, sr)
+        _write_captures(
+            rt, results, {k: v for k, v in sources.items() if k not in left_out}, uid, sr, decoded
+        )
         if captures_wanted
         else []
     )
@@ -314,6 +324,7 @@ def _write_captures(
     sources: dict[str, pydicom.Dataset],
     report_uid: str,
     sr: Comprehensive3DSR,
+    decoded: dict[Path, np.ndarray | str],
 ) -> list[tuple[str, str, str]]:
     """One Secondary Capture per image (heatmap and result burned in): (SOP UID, series UID, storage path).
 
@@ -324,10 +335,14 @@ def _write_captures(
         source = sources.get(result.instance.sop_instance_uid)
         if source is None:
             continue
+        image = decoded.get(result.instance.path)
         try:
-            image = load_dicom_image(result.instance.path, limits=rt.settings.ingest)
+            if image is None:
+                image = load_dicom_image(result.instance.path, limits=rt.settings.ingest)
         except (UnreadableImage, OSError):
             continue  # nothing to draw on; the SR says why the image was not assessable
+        if isinstance(image, str):
+            continue
         try:
             sc = build_capture(
                 result=result,

@@ -6,8 +6,9 @@ Models may also offer ``heatmap(image)`` and ``describe_input(image)``; :func:`a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -103,8 +104,12 @@ def run_model(
     *,
     with_heatmap: bool = False,
     limits: IngestSettings | None = None,
+    decoded: MutableMapping[Path, np.ndarray | str] | None = None,
 ) -> list[ImageResult]:
     """One :class:`ImageResult` per instance, in order; one bad image never fails the others.
+
+    ``decoded`` is shared by the models of one study so each image is decoded once: every image read (made
+    read-only, as models must not change their input) or the reason it is unreadable, by path.
 
     Unreadable pixels (beyond the decoding budget ``limits``, or anything a codec raises, a panic included)
     and images the gate rejects become ``assessable=False`` with "not assessable: <reason>" and no findings;
@@ -112,17 +117,15 @@ def run_model(
     """
     outcome: dict[int, Assessment] = {}
     readable: list[tuple[int, np.ndarray]] = []
+    images = {} if decoded is None else decoded
     for i, instance in enumerate(instances):
-        try:
-            readable.append((i, load_dicom_image(instance.path, limits=limits)))
-        except (UnreadableImage, OSError) as exc:
-            logger.warning("SOP instance %s unreadable: %s", instance.sop_instance_uid, exc)
-            outcome[i] = Assessment.rejected(f"unreadable image: {exc}")
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # load_dicom_image converts what it knows; nothing else may fail the job
-            logger.warning("SOP instance %s unreadable: %s", instance.sop_instance_uid, describe(exc))
-            outcome[i] = Assessment.rejected(f"unreadable image: {describe(exc)}")
+        if instance.path not in images:
+            images[instance.path] = _load(instance, limits)
+        image = images[instance.path]
+        if isinstance(image, str):
+            outcome[i] = Assessment.rejected(f"unreadable image: {image}")
+        else:
+            readable.append((i, image))
     assessed = assess(model, [image for _, image in readable], with_heatmap=with_heatmap)
     for (i, _), assessment in zip(readable, assessed, strict=True):
         if not assessment.assessable:
@@ -139,6 +142,22 @@ def run_model(
         )
         for i, instance in enumerate(instances)
     ]
+
+
+def _load(instance: InstanceRef, limits: IngestSettings | None) -> np.ndarray | str:
+    """The image, read-only, or why it cannot be read."""
+    try:
+        image = load_dicom_image(instance.path, limits=limits)
+    except (UnreadableImage, OSError) as exc:
+        logger.warning("SOP instance %s unreadable: %s", instance.sop_instance_uid, exc)
+        return str(exc)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # load_dicom_image converts what it knows; nothing else may fail the job
+        logger.warning("SOP instance %s unreadable: %s", instance.sop_instance_uid, describe(exc))
+        return describe(exc)
+    image.flags.writeable = False
+    return image
 
 
 def _input_note(model: Model, image: np.ndarray) -> str | None:

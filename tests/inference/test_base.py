@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,41 @@ class _BrokenGateModel(_FailingModel):
 def test_gate_failure_becomes_not_assessable(shared_refs: dict[str, InstanceRef]) -> None:
     [result] = run_model(_BrokenGateModel(), [shared_refs["dx_chest_small.dcm"]])
     assert result.reason == "not assessable: input check failed: ValueError: cannot measure"
+
+
+def test_models_of_a_study_share_each_decoded_image(
+    registry: ModelRegistry, shared_refs: dict[str, InstanceRef], tmp_path: Path
+) -> None:
+    """With one ``decoded`` map only the first model reads the files (they are gone for the others), the
+    results equal separate runs, and every image is kept read-only (a model writing into its input fails)."""
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    refs = []
+    for name, ref in shared_refs.items():
+        (copies / name).write_bytes(ref.path.read_bytes())
+        refs.append(replace(ref, path=copies / name))
+    (copies / "broken.dcm").write_bytes(shared_refs["dx_chest_small.dcm"].path.read_bytes()[:-5000])
+    refs.append(replace(refs[1], sop_instance_uid="1.2.3.4.5", path=copies / "broken.dcm"))
+    decoded: dict[Path, np.ndarray | str] = {}
+    shared: dict[str, list[ImageResult]] = {}
+    for name in ("pneumonia", "covid19", "glaucoma"):
+        model = registry.get(name)
+        assert model is not None
+        shared[name] = run_model(model, refs, decoded=decoded, with_heatmap=name == "glaucoma")
+        if name == "pneumonia":
+            assert set(decoded) == {r.path for r in refs}
+            shutil.rmtree(copies)  # from now on every image can come only from the map
+    assert isinstance(decoded[copies / "broken.dcm"], str)
+    assert all(not image.flags.writeable for image in decoded.values() if isinstance(image, np.ndarray))
+    assert _by_file(shared["covid19"])["cr_chest_jpegls.dcm"].assessable
+    assert _by_file(shared["glaucoma"])["sc_fundus_j2k.dcm"].assessable
+    assert not _by_file(shared["covid19"])["broken.dcm"].assessable
+    originals = [*shared_refs.values(), replace(refs[-1], path=tmp_path / "broken.dcm")]
+    originals[-1].path.write_bytes(shared_refs["dx_chest_small.dcm"].path.read_bytes()[:-5000])
+    for name, results in shared.items():
+        model = registry.get(name)
+        assert model is not None
+        alone = run_model(model, originals, with_heatmap=name == "glaucoma")
+        assert [(r.assessable, r.reason, r.findings) for r in results] == [
+            (r.assessable, r.reason, r.findings) for r in alone
+        ]

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import transaction, when_available
+from core.db import read_session, transaction, when_available
 from core.tables import AuditEvent, Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,19 @@ def claim(
     ("quarantined") instead, and None is returned for this round.
     """
     now = utcnow()
+    due = or_(
+        and_(Job.status == "pending", Job.next_attempt_at <= now),
+        and_(Job.status == "running", Job.lease_expires_at < now),
+    )
+    # An idle poll only reads: on SQLite a write transaction takes the database's one write lock, and a
+    # C-STORE's commit that finds it taken sleeps in SQLite's busy handler (1, 2, 5, 10 … ms).
+    with read_session(factory) as session:
+        probe = select(Job.id).where(due).limit(1)
+        if kinds:
+            probe = probe.where(Job.kind.in_(kinds))
+        if session.scalar(probe) is None:
+            return None
     with transaction(factory) as session:
-        due = or_(
-            and_(Job.status == "pending", Job.next_attempt_at <= now),
-            and_(Job.status == "running", Job.lease_expires_at < now),
-        )
         query = select(Job).where(due).order_by(Job.priority, Job.next_attempt_at, Job.id).limit(1)
         if kinds:
             query = query.where(Job.kind.in_(kinds))

@@ -11,7 +11,7 @@ from datetime import timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import transaction
+from core.db import read_session, transaction
 from core.jobs import PROCESS_STUDY, enqueue_audited
 from core.settings import CompletionSettings
 from core.tables import Study, utcnow
@@ -26,7 +26,7 @@ def complete_studies(
     now = utcnow()
     quiet_before = now - timedelta(seconds=rules.quiet_seconds)
     wait_before = now - timedelta(seconds=rules.max_wait_seconds)
-    with factory() as session:
+    with read_session(factory) as session:  # no write lock while nothing is complete (see jobs.claim)
         candidates = session.execute(
             select(Study.id, Study.study_instance_uid, Study.last_received_at).where(
                 Study.status == "receiving",

@@ -1,5 +1,7 @@
+import sqlite3
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
@@ -7,7 +9,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
 from core.db import transaction
-from core.tables import Job
+from core.settings import CompletionSettings
+from core.tables import Job, utcnow
+from dicom_listener.completion import complete_studies
 
 
 def _enqueue(factory: sessionmaker[Session], n: int, **kw: object) -> list[int]:
@@ -106,3 +110,23 @@ def test_job_whose_workers_keep_dying_is_quarantined(
         f"w{max_takeovers}); not taken over again"
     )
     assert jobs.claim(factory, worker_id="later", lease_seconds=60, max_takeovers=max_takeovers) is None
+
+
+def test_idle_polls_leave_the_sqlite_write_lock_alone(
+    database_url: str, factory: sessionmaker[Session]
+) -> None:
+    """While another connection holds SQLite's write lock (a C-STORE committing), a worker's poll that finds
+    nothing to do — no due job, no complete study — returns at once instead of queueing for the lock."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL has no database-wide write lock")
+    _enqueue(factory, 1, run_at=utcnow() + timedelta(hours=1))  # pending, but not due
+    holder = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        start = time.monotonic()
+        assert jobs.claim(factory, worker_id="w", lease_seconds=60) is None
+        assert complete_studies(factory, CompletionSettings()) == []
+        assert time.monotonic() - start < 5  # the busy timeout is 30 s
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

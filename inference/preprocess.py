@@ -27,6 +27,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -260,6 +261,10 @@ def _voi_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     if not (has_lut or has_window):
         return None
+    if not has_lut:
+        linear = _linear_window(values, ds)
+        if linear is not None:
+            return linear
     try:
         if has_lut:
             if np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0):
@@ -283,6 +288,37 @@ def _voi_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
         )
         return None
     return img
+
+
+def _linear_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The first window with VOI LUT Function LINEAR (the default), scaled to [0, 1], in float32 (PS3.3
+    C.11.2.1.2.1: clipping the linear segment gives exactly its piecewise definition, whatever the output
+    range). None for anything else (LINEAR_EXACT, SIGMOID, a width of 1 or less, unreadable values): those
+    take pydicom's ``apply_voi_lut``, which computes in float64 and takes about 75 ms for a 2000 × 1880 CR.
+    """
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    try:
+        center, width = (float(_first(ds.WindowCenter)), float(_first(ds.WindowWidth)))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if function != "LINEAR" or not (np.isfinite(center) and np.isfinite(width) and width > 1):
+        return None
+    img = values.astype(np.float32)
+    img -= np.float32(center - 0.5)
+    img /= np.float32(width - 1)
+    img += np.float32(0.5)
+    np.clip(img, 0.0, 1.0, out=img)
+    if np.ptp(img) < 1e-3 < np.ptp(values):
+        logger.warning(
+            "VOI of SOP instance %s flattens the image; using a percentile window",
+            ds.get("SOPInstanceUID", "?"),
+        )
+        return None
+    return img
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, MultiValue | list | tuple) else value
 
 
 def _lut_output_range(ds: Dataset) -> tuple[float, float]:

@@ -224,3 +224,73 @@ def test_to_model_input(shape: tuple[int, ...], channels: int) -> None:
 def test_to_model_input_gray_to_rgb_replicates_channels() -> None:
     x = to_model_input(np.full((10, 10), 0.25, np.float32), 8, 3)
     np.testing.assert_allclose(x, 0.25, atol=1e-6)
+
+
+def _pydicom_window(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The reference: pydicom's ``apply_voi_lut`` scaled by its output range (the former path)."""
+    from pydicom.pixels import apply_voi_lut
+
+    from inference.preprocess import _window_output_range
+
+    lo, hi = _window_output_range(ds)
+    return np.clip((apply_voi_lut(values, ds, index=0).astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("center", "width", "slope", "intercept", "function"),
+    [
+        (2048, 4096, 1, 0, None),
+        (40, 400, 1, -1024, "LINEAR"),
+        ([300, 40], [1500, 400], 1, -1024, None),  # several windows: the first
+        (1000.5, 2.0, 0.5, 10, "LINEAR"),
+        (-3.25e4, 7777, 2, 0, None),
+    ],
+)
+def test_linear_window_matches_pydicom(
+    center: object, width: object, slope: float, intercept: float, function: str | None
+) -> None:
+    """The float32 fast path for LINEAR windows gives pydicom's result (within float32 rounding)."""
+    from pydicom.pixels import apply_modality_lut
+
+    from inference.preprocess import _linear_window, _voi_window
+
+    rng = np.random.default_rng(7)
+    ds = Dataset()
+    ds.BitsStored, ds.PixelRepresentation, ds.PhotometricInterpretation = 16, 1, "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = center, width
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if function:
+        ds.VOILUTFunction = function
+    values = apply_modality_lut(rng.integers(-32768, 32767, (300, 200), dtype=np.int16), ds)
+    fast = _linear_window(values, ds)
+    assert fast is not None and fast.dtype == np.float32
+    assert np.abs(fast - _pydicom_window(values, ds)).max() < 2e-6
+    voi = _voi_window(values, ds)
+    assert voi is not None and np.array_equal(voi, fast)
+
+
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_other_window_functions_keep_pydicom(function: str) -> None:
+    from inference.preprocess import _linear_window, _voi_window
+
+    ds = Dataset()
+    ds.BitsStored, ds.PixelRepresentation, ds.PhotometricInterpretation = 12, 0, "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2048, 4096, function
+    values = np.arange(4096, dtype=np.float64).reshape(64, 64)
+    assert _linear_window(values, ds) is None
+    voi = _voi_window(values, ds)
+    assert voi is not None and np.abs(voi - _pydicom_window(values, ds)).max() < 1e-9
+
+
+def test_real_radiographs_window_as_with_pydicom() -> None:
+    """The vendor chest and hip files with their own windows: the image the models get is unchanged."""
+    from pydicom.pixels import apply_modality_lut
+
+    from inference.preprocess import _voi_window
+
+    for name in ("cr_chest_jpegls.dcm", "dx_chest_small.dcm", "cr_hip_rle.dcm"):  # each has one window
+        ds = pydicom.dcmread(shared_dicom(name))
+        values = apply_modality_lut(ds.pixel_array, ds)
+        voi = _voi_window(values, ds)
+        assert voi is not None, name
+        assert np.abs(voi - _pydicom_window(values, ds)).max() < 2e-6, name

@@ -35,7 +35,7 @@ from gateway.runtime import Runtime
 from gateway.study import process_study
 from orthanc.client import OrthancUnavailable
 from orthanc.reconcile import reconcile_once
-from reporting.delivery import backoff_delay
+from reporting.delivery import backoff_delay, send_as_stored
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ class Worker:
         self.stop = threading.Event()
         self._next_reconcile = 0.0
         self._heartbeat = _Heartbeat(rt.factory, self.id, interval=rt.settings.worker.heartbeat_seconds)
+        send_as_stored()  # reports go out as the bytes on disk, never parsed and re-encoded
 
     def run_once(self) -> bool:
         """One sweep and at most one job; True if a job ran."""

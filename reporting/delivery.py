@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.status import code_to_category
 
 from core.domain import Destination, DestinationTls
@@ -96,10 +98,20 @@ def tls_context(tls: DestinationTls) -> TlsContext:
     return context
 
 
+def send_as_stored() -> None:
+    """Have pynetdicom send a file given by path as the bytes it holds (``STORE_SEND_CHUNKED_DATASET``,
+    process-wide) instead of parsing and re-encoding it: for the processes that deliver (the workers)."""
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+
+
 def send_cstore(
     path: Path, destination: Destination, *, calling_ae: str = "GATEWAY", timeout: float = 30.0
 ) -> DeliveryResult:
     """Send the DICOM file at ``path`` to ``destination`` in one association; never raises for the network.
+
+    Only the file meta is read before associating; a peer that accepts the file's own transfer syntax gets the
+    file's bytes (see :func:`send_as_stored`), one that accepts only the other uncompressed syntax a converted
+    copy.
 
     Requests one presentation context: the file's SOP class with its transfer syntax (plus the other
     little endian one when uncompressed, pynetdicom converts). TCP connect, ACSE, DIMSE and network
@@ -115,10 +127,10 @@ def send_cstore(
     """
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
     try:
-        ds = dcmread(path)
-        sop_class = ds.SOPClassUID
-        sop_instance = ds.SOPInstanceUID
-        transfer_syntax = ds.file_meta.TransferSyntaxUID
+        meta = read_file_meta_info(path)
+        sop_class = UID(str(meta.MediaStorageSOPClassUID))
+        sop_instance = UID(str(meta.MediaStorageSOPInstanceUID))
+        transfer_syntax = UID(str(meta.TransferSyntaxUID))
     except (OSError, InvalidDicomError, AttributeError) as exc:
         return DeliveryResult("dead", None, f"cannot read {path}: {exc}")
 
@@ -164,7 +176,17 @@ def send_cstore(
         if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
             return DeliveryResult("dead", None, f"{peer} rejected the presentation context for {sop_class}")
 
-        response = assoc.send_c_store(ds)
+        as_is = any(
+            cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == transfer_syntax
+            for cx in assoc.accepted_contexts
+        )
+        try:
+            # The file's bytes as they are (with pynetdicom's STORE_SEND_CHUNKED_DATASET, which the worker
+            # turns on: no parse and no re-encoding of the SR); another accepted syntax needs the dataset.
+            dataset: Path | Dataset = path if as_is else dcmread(path)
+        except (OSError, InvalidDicomError) as exc:
+            return DeliveryResult("dead", None, f"cannot read {path}: {exc}")
+        response = assoc.send_c_store(dataset)
         if "Status" not in response:
             return DeliveryResult("retry", None, f"no C-STORE response from {peer} (timeout or abort)")
         status = int(response.Status)

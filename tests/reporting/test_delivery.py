@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -23,7 +24,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from core.domain import Destination
-from reporting.delivery import backoff_delay, classify_status, send_cstore
+from reporting.delivery import backoff_delay, classify_status, send_as_stored, send_cstore
 
 
 def free_port() -> int:
@@ -223,3 +224,34 @@ def test_backoff_rejects_bad_arguments() -> None:
         backoff_delay(0)
     with pytest.raises(ValueError):
         backoff_delay(1, base=0)
+
+
+def test_the_file_is_sent_as_stored_or_converted(chest_report_path: Path, tmp_path: Path) -> None:
+    """A peer accepting the file's syntax gets its exact bytes; one accepting only implicit VR little endian
+    gets a converted copy of the same content."""
+    send_as_stored()
+    received: list[bytes] = []
+
+    def keep(event: evt.Event) -> int:
+        received.append(event.encoded_dataset()[128:])  # preamble dropped: meta and dataset as received
+        return 0x0000
+
+    syntax = str(pydicom.filereader.read_file_meta_info(chest_report_path).TransferSyntaxUID)
+    for accepted in (syntax, ImplicitVRLittleEndian):
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(Comprehensive3DSRStorage, [accepted])
+        port = free_port()
+        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)])
+        assert server is not None
+        try:
+            result = send_cstore(chest_report_path, Destination("t", "PACS", "127.0.0.1", port), timeout=10)
+        finally:
+            server.shutdown()
+        assert result.outcome == "sent", result.detail
+    on_disk = chest_report_path.read_bytes()
+    dataset = on_disk[132 + 12 + int.from_bytes(on_disk[140:144], "little") :]
+    assert received[0].endswith(dataset)  # byte for byte
+    assert not received[1].endswith(dataset)
+    converted = pydicom.dcmread(BytesIO(b"\0" * 128 + received[1]))
+    assert converted.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert converted.ContentSequence == pydicom.dcmread(chest_report_path).ContentSequence

@@ -279,9 +279,13 @@ def _voi_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     if hi <= lo:
         return None
     img = (np.asarray(out, dtype=np.float64) - lo) / (hi - lo)
-    img = np.clip(img, 0.0, 1.0)
+    return _unless_flat(np.clip(img, 0.0, 1.0), values, ds)
+
+
+def _unless_flat(img: np.ndarray, values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """``img``, or None when the window maps a varied image to one gray level (wrong for this image: the
+    caller uses the data instead)."""
     if np.ptp(img) < 1e-3 < np.ptp(values):
-        # A window that maps a varied image to one gray level is wrong for this image; use the data instead.
         logger.warning(
             "VOI of SOP instance %s flattens the image; using a percentile window",
             ds.get("SOPInstanceUID", "?"),
@@ -308,13 +312,7 @@ def _linear_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     img /= np.float32(width - 1)
     img += np.float32(0.5)
     np.clip(img, 0.0, 1.0, out=img)
-    if np.ptp(img) < 1e-3 < np.ptp(values):
-        logger.warning(
-            "VOI of SOP instance %s flattens the image; using a percentile window",
-            ds.get("SOPInstanceUID", "?"),
-        )
-        return None
-    return img
+    return _unless_flat(img, values, ds)
 
 
 def _first(value: Any) -> Any:

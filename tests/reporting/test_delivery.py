@@ -233,7 +233,10 @@ def test_the_file_is_sent_as_stored_or_converted(chest_report_path: Path, tmp_pa
     received: list[bytes] = []
 
     def keep(event: evt.Event) -> int:
-        received.append(event.encoded_dataset()[128:])  # preamble dropped: meta and dataset as received
+        # Meta and dataset as received, preamble dropped; the listener's tests in this process may have
+        # turned on pynetdicom's chunked receive, which leaves the dataset in a file.
+        path = event.dataset_path
+        received.append((path.read_bytes() if path else event.encoded_dataset())[128:])
         return 0x0000
 
     syntax = str(pydicom.filereader.read_file_meta_info(chest_report_path).TransferSyntaxUID)

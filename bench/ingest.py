@@ -65,7 +65,7 @@ def send(port: int, files: list[Path], associations: int) -> float:
             for p in chunk:
                 os.symlink(p, Path(d) / p.name)
             proc = subprocess.run(
-                ["storescu", "-aec", "BENCH", "+sd", "+r", "127.0.0.1", str(port), d],
+                ["/usr/bin/storescu", "-aec", "BENCH", "+sd", "+r", "127.0.0.1", str(port), d],
                 capture_output=True,
                 text=True,
             )

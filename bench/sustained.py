@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from pydicom import Dataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from core.dimse import reactor_held  # noqa: E402
 from tests import factories as f  # noqa: E402
 from tests.peers import free_port, wait_for  # noqa: E402
 from tests.pipeline import CHEST_MODELS, CountingPacs, Gateway, gateway_env, process_tree  # noqa: E402
@@ -84,7 +85,8 @@ class Load:
                 assoc = ae.associate("127.0.0.1", self.port, ae_title="GATEWAY")
                 ok = assoc.is_established
                 for ds in images if ok else []:
-                    rsp = assoc.send_c_store(ds)
+                    with reactor_held(assoc):
+                        rsp = assoc.send_c_store(ds)
                     ok = ok and "Status" in rsp and int(rsp.Status) == 0
                 if assoc.is_established:
                     assoc.release()

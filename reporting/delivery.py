@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.status import code_to_category
 
+from core.dimse import reactor_held
 from core.domain import Destination, DestinationTls
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,8 @@ def send_cstore(
             dataset: Path | Dataset = path if as_is else dcmread(path)
         except (OSError, InvalidDicomError) as exc:
             return DeliveryResult("dead", None, f"cannot read {path}: {exc}")
-        response = assoc.send_c_store(dataset)
+        with reactor_held(assoc):  # else pynetdicom's reactor may take the response (core.dimse)
+            response = assoc.send_c_store(dataset)
         if "Status" not in response:
             return DeliveryResult("retry", None, f"no C-STORE response from {peer} (timeout or abort)")
         status = int(response.Status)

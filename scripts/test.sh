@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # cluster on a free loopback port), Orthanc 1.10 with its Python plugin (started per test on free ports),
 # openssl (throw-away certificates for the DICOM TLS tests).
 need=()
-command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+[ -x /usr/bin/storescu ] || need+=(dcmtk)  # by path: pynetdicom installs a storescu of its own
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)

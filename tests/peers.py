@@ -19,6 +19,7 @@ from typing import Any
 
 import pydicom
 
+from core.dimse import reactor_held
 from core.storage import Storage
 from dicom_listener.server import receive_into
 
@@ -72,6 +73,15 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
+def dcmtk(name: str) -> str:
+    """A dcmtk tool by its full path: pynetdicom installs console scripts of the same names (storescu,
+    storescp, echoscu...) into the virtual environment, which may come first on PATH."""
+    path = Path("/usr/bin") / name
+    if not path.exists():
+        raise AssertionError(f"{path} not found: install the Debian package dcmtk (see README)")
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +114,7 @@ def storescu(
     port: int, *files: Path, calling: str = "MODALITY", called: str = "GATEWAY"
 ) -> subprocess.CompletedProcess[str]:
     """Send files with dcmtk storescu, one association per transfer syntax; returns the last result."""
-    require_tool("storescu", "dcmtk")
+    exe = dcmtk("storescu")
     by_ts: dict[str, list[str]] = {}
     for f in files:
         ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
@@ -112,7 +122,7 @@ def storescu(
     result: subprocess.CompletedProcess[str] | None = None
     for flag, names in by_ts.items():
         result = subprocess.run(
-            ["storescu", flag, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *names],
+            [exe, flag, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *names],
             capture_output=True,
             text=True,
             timeout=120,
@@ -138,7 +148,8 @@ def send_file(port: int, path: Path, *, calling: str = "PYNETDICOM", called: str
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association rejected"
     try:
-        return int(assoc.send_c_store(path).Status)
+        with reactor_held(assoc):
+            return int(assoc.send_c_store(path).Status)
     finally:
         assoc.release()
 
@@ -146,11 +157,11 @@ def send_file(port: int, path: Path, *, calling: str = "PYNETDICOM", called: str
 @contextmanager
 def storescp(out_dir: Path, port: int | None = None, ae_title: str = "PACS") -> Iterator[int]:
     """A dcmtk storescp acting as the PACS: writes what it receives to ``out_dir``."""
-    require_tool("storescp", "dcmtk")
+    exe = dcmtk("storescp")
     port = port or free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        ["storescp", "-aet", ae_title, "-od", str(out_dir), "+xa", str(port)],
+        [exe, "-aet", ae_title, "-od", str(out_dir), "+xa", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

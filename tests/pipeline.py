@@ -29,7 +29,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests import factories as f
-from tests.peers import REPO, _pg_bindir, free_port, require_tool, stop, wait_for, wait_port
+from tests.peers import REPO, _pg_bindir, dcmtk, free_port, stop, wait_for, wait_port
 
 #: The chest models every chest study is routed to (GATEWAY_ROUTING__CHEST_MODELS default).
 CHEST_MODELS = ("pneumonia", "covid19")
@@ -214,10 +214,9 @@ class CountingPacs:
         self._seen: dict[Path, Receipt] = {}
 
     def start(self) -> None:
-        require_tool("storescp", "dcmtk")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
-            ["storescp", "-aet", "PACS", "-od", str(self.out_dir), "+xa", "+uf", str(self.port)],
+            [dcmtk("storescp"), "-aet", "PACS", "-od", str(self.out_dir), "+xa", "+uf", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -356,6 +355,8 @@ def send_study(
     between two C-STOREs (a modality's pace)."""
     from pynetdicom import AE
 
+    from core.dimse import reactor_held
+
     metas = {p: pydicom.filereader.read_file_meta_info(p) for p in paths}
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
@@ -374,7 +375,8 @@ def send_study(
                 time.sleep(interval)
             if not assoc.is_established:
                 break
-            rsp = assoc.send_c_store(path)
+            with reactor_held(assoc):
+                rsp = assoc.send_c_store(path)
             if "Status" in rsp:
                 statuses[path] = int(rsp.Status)
     except (OSError, RuntimeError):  # the gateway died under us

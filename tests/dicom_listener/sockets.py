@@ -24,6 +24,8 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from tests.peers import dcmtk
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -125,7 +127,7 @@ def echo(port: int, calling: str = "PYNETDICOM", timeout: float = 10) -> int | N
 
 def echoscu(port: int, calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["echoscu", "-to", "10", "-aet", calling, "-aec", "GATEWAY", LOOPBACK, str(port)],
+        [dcmtk("echoscu"), "-to", "10", "-aet", calling, "-aec", "GATEWAY", LOOPBACK, str(port)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_sessionmaker
+from core.dimse import reactor_held
 from core.migrate import upgrade
 from core.settings import DicomSettings, Settings
 from core.storage import Storage
@@ -32,7 +33,7 @@ from core.tables import Instance
 from dicom_listener.server import Listener, serve
 from tests import factories as f
 from tests import hostile as h
-from tests.peers import SHARED_DICOM, STORESCU_FLAGS, receiving_into, storescu
+from tests.peers import SHARED_DICOM, STORESCU_FLAGS, dcmtk, receiving_into, storescu
 
 CANNOT_UNDERSTAND, MISMATCH, OUT_OF_RESOURCES = 0xC000, 0xA900, 0xA700
 
@@ -76,7 +77,8 @@ def store(port: int, path: Path) -> Dataset:
     assoc = ae.associate("127.0.0.1", port, ae_title="GATEWAY")
     assert assoc.is_established, "association rejected"
     try:
-        status = assoc.send_c_store(path)
+        with reactor_held(assoc):
+            status = assoc.send_c_store(path)
         assert "Status" in status, "no C-STORE response"
         return status
     finally:
@@ -88,7 +90,18 @@ def dcmtk_store(port: int, path: Path) -> str:
     syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
     flag = STORESCU_FLAGS.get(syntax, "-x=")
     result = subprocess.run(
-        ["storescu", "-v", flag, "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", str(port), str(path)],
+        [
+            dcmtk("storescu"),
+            "-v",
+            flag,
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "GATEWAY",
+            "127.0.0.1",
+            str(port),
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -332,7 +345,7 @@ def test_listener_still_stores_and_echoes_after_all_that(gw: Gateway) -> None:
     assert storescu(gw.port, SHARED_DICOM / "dx_chest_small.dcm").returncode == 0
     assert gw.count() == before + 1
     echo = subprocess.run(
-        ["echoscu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", str(gw.port)],
+        [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", str(gw.port)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -20,7 +20,7 @@ from core.tables import Instance, Series, Study
 from dicom_listener.server import Listener, serve
 from tests import factories as f
 from tests.dicom_listener.sockets import store_partially
-from tests.peers import SHARED_DICOM, receiving_into, send_file, storescu, wait_for
+from tests.peers import SHARED_DICOM, dcmtk, receiving_into, send_file, storescu, wait_for
 
 REAL_FILES = sorted(SHARED_DICOM.glob("*.dcm"))
 
@@ -125,7 +125,7 @@ def test_same_instance_twice_is_stored_once(
 
 def test_echo(listener: Listener) -> None:
     result = subprocess.run(
-        ["echoscu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", str(listener.port)],
+        [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", str(listener.port)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from core.tables import WorkerHeartbeat
 from tests import factories as f
 from tests.inference.tiny_models import make_tiny_bundles
-from tests.peers import free_port, gateway_serve, require_tool, storescp, storescu, wait_for
+from tests.peers import dcmtk, free_port, gateway_serve, storescp, storescu, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -68,9 +68,8 @@ def _worker_pids(env: dict[str, str], count: int, exclude: Sequence[int] = ()) -
 
 
 def _echo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    require_tool("echoscu", "dcmtk")
     return subprocess.run(
-        ["echoscu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", env["GATEWAY_DICOM__PORT"]],
+        [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1", env["GATEWAY_DICOM__PORT"]],
         capture_output=True,
         text=True,
         timeout=30,

@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from api import security
 from api.deps import SessionDep
-from api.routes import dicomweb, health, studies
+from api.pages import NOTICE, STATIC_DIR, page
+from api.routes import admin, auth, dicomweb, health, studies
+from api.security import Authenticated
 from core.settings import Settings
 from core.storage import Storage
 from orthanc import webhook as orthanc_webhook
 
-NOTICE = "Research decision support only; results are not a diagnosis."
+#: Routes anyone may call: the liveness probe, signing in, and the stylesheets and scripts of the pages.
+PUBLIC_PATHS = ("/healthz", "/login", "/static")
 
 
 def create_app(session_factory: sessionmaker[Session], settings: Settings) -> FastAPI:
-    app = FastAPI(title="screening-gateway", version="0.1.0", description=NOTICE)
+    # No Swagger UI (it loads scripts from a CDN and runs inline script); the schema is at /api/openapi.json.
+    app = FastAPI(
+        title="screening-gateway",
+        version="0.1.0",
+        description=NOTICE,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.session_factory = session_factory
     app.state.settings = settings
     app.state.storage = Storage(settings.storage_dir, reserve_bytes=settings.storage.reserve_bytes)
@@ -28,6 +45,7 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
     app.state.stow_limiter = anyio.CapacityLimiter(settings.http.stow_threads)
     # A page on another site must not reach us through a DNS name it points at 127.0.0.1 (DNS rebinding).
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.http.trusted_hosts, www_redirect=False)
+    security.install(app)  # outermost: cross-site refusals and security headers on every response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -35,11 +53,24 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
         errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if security.wants_page(request) and exc.status_code in (403, 404):
+            return page(request, "error.html", exc.status_code, status=exc.status_code, detail=exc.detail)
+        return await http_exception_handler(request, exc)
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi(principal: Authenticated) -> dict[str, Any]:
+        return app.openapi()
+
     @app.get("/healthz")
     def healthz(session: SessionDep) -> dict[str, str]:  # a plain def: runs in a thread, off the event loop
         session.execute(text("SELECT 1"))
         return {"status": "ok", "database": "ok"}
 
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.include_router(auth.router)
+    app.include_router(admin.router)
     app.include_router(studies.router)
     app.include_router(orthanc_webhook.router)
     app.include_router(dicomweb.router)

@@ -33,6 +33,8 @@ DCMTK = Path("/usr/bin")  # by path: the venv's pynetdicom installs scripts with
 FOOTPRINT_TIMEOUT = 180.0
 STUDY_FILE = SHARED / "cr_chest_jpegls.dcm"
 STORESCU_TS = "-xu"  # propose JPEG-LS near-lossless, the sample's transfer syntax
+sys.path.insert(0, str(REPO))
+from tests.accounts import bearer  # noqa: E402
 
 
 @dataclass
@@ -160,10 +162,11 @@ def sr_files(folder: Path) -> set[str]:
     return {p.name for p in folder.glob("SR*")} if folder.is_dir() else set()
 
 
-def study_reports_done(http: str, study_uid: str) -> int:
+def study_reports_done(http: str, study_uid: str, headers: dict[str, str]) -> int:
     """Number of the study's reports once all its jobs (processing and deliveries) are done, else 0."""
     try:
-        with urllib.request.urlopen(f"{http}/api/studies/{study_uid}", timeout=10) as rsp:
+        request = urllib.request.Request(f"{http}/api/studies/{study_uid}", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as rsp:
             study = json.loads(rsp.read())
     except (OSError, ValueError):  # not listening yet, study unknown yet (404), half-written answer
         return 0
@@ -183,7 +186,7 @@ def wait_reports(
     first_at = time.monotonic() - start
 
     def all_there() -> int:
-        n = study_reports_done(gw.http, study_uid)
+        n = study_reports_done(gw.http, study_uid, bearer({"GATEWAY_DATA_DIR": str(gw.root / "var")}))
         return n if n and len(sr_files(gw.pacs_dir) - before) >= n else 0
 
     reports = wait_until("all the study's SRs at the PACS", all_there, procs)

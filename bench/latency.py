@@ -31,13 +31,17 @@ import pydicom  # noqa: E402
 
 from inference.registry import ModelRegistry  # noqa: E402
 from tests import factories as f  # noqa: E402
+from tests.accounts import port_headers  # noqa: E402
 from tests.peers import free_port, gateway_serve, storescu  # noqa: E402
 from tests.pipeline import CHEST_MODELS, CountingPacs  # noqa: E402
 
 
 def _delivered(http: str, uid: str) -> dict[str, Any] | None:
     """The study's API record once every chest model's SR is delivered everywhere, else None."""
-    with urllib.request.urlopen(f"{http}/api/studies/{uid}", timeout=10) as rsp:
+    headers = port_headers(int(http.rsplit(":", 1)[1]))
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{http}/api/studies/{uid}", headers=headers), timeout=10
+    ) as rsp:
         study = json.loads(rsp.read())
     if not study["completed_at"] or not set(CHEST_MODELS) <= {r["model"] for r in study["reports"]}:
         return None

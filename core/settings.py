@@ -122,7 +122,7 @@ class DicomSettings(BaseModel):
 
 
 class HttpSettings(BaseModel):
-    host: str = "127.0.0.1"  # no authentication yet: loopback only by default
+    host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     #: Host header values answered (DNS rebinding); HOST is added unless it is a wildcard; "*" allows any.
     allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
@@ -155,6 +155,24 @@ class HttpSettings(BaseModel):
             return ["*"]
         bracketed = [f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names]
         return list(dict.fromkeys(n.lower() for n in bracketed))
+
+
+class AuthSettings(BaseModel):
+    """Sign-in, browser sessions and API tokens."""
+
+    #: A browser session unused for this long is over (sign in again).
+    session_idle_minutes: float = Field(30.0, gt=0)
+    #: A browser session ends this long after sign-in, however busy.
+    session_absolute_hours: float = Field(12.0, gt=0)
+    #: Session cookie with the Secure flag: None decides per request (set when the request came over HTTPS).
+    secure_cookies: bool | None = None
+    #: Failed sign-ins allowed per user name within the window; more get 429 (no password is checked).
+    login_max_failures: int = Field(5, ge=1)
+    #: Failed sign-ins allowed per client address within the window (several users may share one address).
+    login_max_failures_per_address: int = Field(20, ge=1)
+    login_window_seconds: float = Field(300.0, gt=0)
+    #: Days an API token lives when `gateway tokens create` is not told otherwise (0: no expiry).
+    token_days: int = Field(365, ge=0)
 
 
 class CompletionSettings(BaseModel):
@@ -338,6 +356,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     storage: StorageSettings = StorageSettings()
     http: HttpSettings = HttpSettings()
+    auth: AuthSettings = AuthSettings()
     completion: CompletionSettings = CompletionSettings()
     worker: WorkerSettings = WorkerSettings()
     inference: InferenceSettings = InferenceSettings()

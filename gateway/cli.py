@@ -8,7 +8,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,6 +19,8 @@ import typer
 from core.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from gateway.runtime import Runtime
 
 app = typer.Typer(
@@ -27,6 +30,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(help="People who sign in: radiologists, data teams, admins.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+tokens_app = typer.Typer(help="API tokens for scripts (bearer tokens, stored hashed).", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 
 log = logging.getLogger("gateway")
 
@@ -152,6 +159,163 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     upgrade(engine, revision)
     typer.echo(f"database at revision {current_revision(engine)}")
     engine.dispose()
+
+
+@contextmanager
+def _accounts_session() -> Iterator[Session]:
+    """One transaction on the configured database (its schema brought to head first, so that the first admin
+    can be created before the first `gateway serve`); account errors exit 1 with their message."""
+    from core.accounts import AccountError
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.migrate import upgrade
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        upgrade(engine)
+        with transaction(make_sessionmaker(engine)) as session:
+            yield session
+    except AccountError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+
+
+def _read_password(password_stdin: bool) -> str:
+    """From stdin (one line) when asked or when stdin is not a terminal, else prompted twice."""
+    if password_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+_PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")]
+
+
+@users_app.command("create")
+def users_create(
+    username: Annotated[str, typer.Argument(help="Sign-in name: a-z, 0-9, '.', '_', '-'.")],
+    role: Annotated[str, typer.Option(help="radiologist, data or admin.")],
+    full_name: Annotated[
+        str | None, typer.Option(help="Shown in verified reports (Verifying Observer).")
+    ] = None,
+    password_stdin: _PasswordStdin = False,
+) -> None:
+    """Create a user. The first admin can only be made here."""
+    from core.accounts import create_user
+
+    password = _read_password(password_stdin)
+    with _accounts_session() as session:
+        create_user(
+            session, username=username, role=role, password=password, full_name=full_name, actor="cli"
+        )
+    typer.echo(f"user {username} created ({role})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Users, their roles and state."""
+    from sqlalchemy import select
+
+    from core.tables import User
+
+    with _accounts_session() as session:
+        for user in session.scalars(select(User).order_by(User.username)):
+            state = "disabled" if user.disabled else "active"
+            last = user.last_login_at.isoformat(timespec="seconds") if user.last_login_at else "never"
+            typer.echo(f"{user.username}\t{user.role}\t{state}\tlast sign-in {last}")
+
+
+@users_app.command("disable")
+def users_disable(username: str) -> None:
+    """Stop a user from signing in; their sessions end and their tokens stop working."""
+    from core.accounts import require_user, set_disabled
+
+    with _accounts_session() as session:
+        set_disabled(session, require_user(session, username), True, actor="cli")
+    typer.echo(f"user {username} disabled")
+
+
+@users_app.command("enable")
+def users_enable(username: str) -> None:
+    """Let a disabled user sign in again."""
+    from core.accounts import require_user, set_disabled
+
+    with _accounts_session() as session:
+        set_disabled(session, require_user(session, username), False, actor="cli")
+    typer.echo(f"user {username} enabled")
+
+
+@users_app.command("reset")
+def users_reset(username: str, password_stdin: _PasswordStdin = False) -> None:
+    """Set a new password; the user's browser sessions end."""
+    from core.accounts import require_user, set_password
+
+    password = _read_password(password_stdin)
+    with _accounts_session() as session:
+        set_password(session, require_user(session, username), password, actor="cli")
+    typer.echo(f"password of {username} reset")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    user: Annotated[str, typer.Option(help="The user the token acts for.")],
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="studies:read, review, export, stow or admin (repeat; default: all of the role's)."
+        ),
+    ] = None,
+    days: Annotated[
+        int | None, typer.Option(help="Lifetime in days (0: none; default GATEWAY_AUTH__TOKEN_DAYS).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="What the token is for.")] = None,
+) -> None:
+    """Create an API token and print it (only its hash is kept). Send it as `Authorization: Bearer ...`."""
+    from core.accounts import create_token, require_user
+
+    lifetime = _settings().auth.token_days if days is None else days
+    with _accounts_session() as session:
+        row, token = create_token(
+            session, require_user(session, user), scope or [], days=lifetime, name=name, actor="cli"
+        )
+        scopes = " ".join(row.scopes)
+    typer.echo(token)
+    typer.echo(f"scopes: {scopes}; expires: {row.expires_at.date() if row.expires_at else 'never'}", err=True)
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """Tokens by prefix: user, scopes, expiry, last use, revoked."""
+    from sqlalchemy import select
+
+    from core.tables import ApiToken
+
+    with _accounts_session() as session:
+        for t in session.scalars(select(ApiToken).order_by(ApiToken.id)):
+            fields = [
+                t.prefix,
+                t.user.username,
+                ",".join(t.scopes),
+                f"expires {t.expires_at.isoformat(timespec='seconds') if t.expires_at else 'never'}",
+                f"last used {t.last_used_at.isoformat(timespec='seconds') if t.last_used_at else 'never'}",
+                "revoked" if t.revoked_at else "active",
+                t.name or "",
+            ]
+            typer.echo("\t".join(fields))
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    prefix: Annotated[str, typer.Argument(help="The token's prefix (see `tokens list`).")],
+) -> None:
+    """Revoke a token at once."""
+    from core.accounts import revoke_token
+
+    with _accounts_session() as session:
+        revoke_token(session, prefix, actor="cli")
+    typer.echo(f"token {prefix} revoked")
 
 
 @app.command()

@@ -8,8 +8,9 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from core.db import transaction
 from core.jobs import PULL_ORTHANC_STUDY, enqueue_audited
@@ -44,12 +45,22 @@ def queue_pull(
         return job.id
 
 
-@router.post("/webhook", status_code=202)
-def stable_study(
-    body: StableStudy,
-    request: Request,
-    x_gateway_secret: Annotated[str | None, Header()] = None,
+#: A stable-study notification is a few dozen bytes of JSON; anything larger is refused unread.
+MAX_BODY_BYTES = 4096
+
+
+@router.post(
+    "/webhook",
+    status_code=202,
+    openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": StableStudy.model_json_schema()}}}
+    },
+)
+async def stable_study(
+    request: Request, x_gateway_secret: Annotated[str | None, Header()] = None
 ) -> dict[str, Any]:
+    """Orthanc's plugin: a study is stable. The shared secret (X-Gateway-Secret) is checked before the body
+    is read: a wrong or missing one gets 401 whatever was sent."""
     settings = request.app.state.settings
     expected = settings.orthanc.webhook_secret
     if (
@@ -58,13 +69,23 @@ def stable_study(
         or not hmac.compare_digest(x_gateway_secret.encode(), expected.encode())
     ):
         raise HTTPException(status_code=401, detail="missing or wrong X-Gateway-Secret")
-    if not _ORTHANC_ID.match(body.study):
-        raise HTTPException(status_code=422, detail=f"not an Orthanc study id: {body.study[:60]!r}")
-    job_id = queue_pull(
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(status_code=413, detail=f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        study = StableStudy.model_validate_json(body).study
+    except ValidationError:
+        raise HTTPException(status_code=422, detail='expected JSON {"study": "<Orthanc study id>"}') from None
+    if not _ORTHANC_ID.match(study):
+        raise HTTPException(status_code=422, detail=f"not an Orthanc study id: {study[:60]!r}")
+    job_id = await run_in_threadpool(
+        queue_pull,
         request.app.state.session_factory,
-        body.study,
+        study,
         actor="orthanc:webhook",
         max_attempts=settings.worker.max_attempts,
     )
-    log.info("Orthanc study %s stable: pull job %d", body.study, job_id)
+    log.info("Orthanc study %s stable: pull job %d", study, job_id)
     return {"queued": True, "job_id": job_id}

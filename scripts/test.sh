@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # Real peers the tests start: dcmtk (storescu/storescp/echoscu and its JPEG/JPEG-LS/RLE encoders),
 # dicom3tools (dciodvfy validates every SR), PostgreSQL server binaries (each test session starts its own
 # cluster on a free loopback port), Orthanc 1.10 with its Python plugin (started per test on free ports),
-# openssl (throw-away certificates for the DICOM TLS tests).
+# openssl (throw-away certificates for the DICOM TLS tests), chromium (the browser tests drive it with Playwright).
 need=()
 [ -x /usr/bin/storescu ] || need+=(dcmtk)  # by path: pynetdicom installs a storescu of its own
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
@@ -16,6 +16,7 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # Playwright drives Debian's chromium (no browser download)
 command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
 if ((${#need[@]})); then
   sudo=""

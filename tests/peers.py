@@ -232,6 +232,10 @@ def create_database(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
+#: HTTP port -> the GATEWAY_* settings of the `gateway serve` started on it (tests.accounts.port_headers).
+SERVED: dict[int, dict[str, str]] = {}
+
+
 @contextmanager
 def gateway_serve(
     env: dict[str, str], log_path: Path, timeout: float = 90.0
@@ -249,6 +253,7 @@ def gateway_serve(
         try:
             wait_port(int(env["GATEWAY_DICOM__PORT"]), timeout, proc)
             wait_port(int(env["GATEWAY_HTTP__PORT"]), timeout, proc)
+            SERVED[int(env["GATEWAY_HTTP__PORT"])] = env
             yield proc
         finally:
             stop(proc, 20)

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests import factories as f
+from tests.accounts import bearer
 from tests.peers import REPO, _pg_bindir, dcmtk, free_port, stop, wait_for, wait_port
 
 #: The chest models every chest study is routed to (GATEWAY_ROUTING__CHEST_MODELS default).
@@ -168,10 +170,16 @@ class Gateway:
     def rss(self) -> int:
         return tree_rss(self.proc.pid) if self.proc is not None and self.alive() else 0
 
+    @cached_property
+    def headers(self) -> dict[str, str]:
+        """Authorization of an admin's token, made once the gateway has created its database."""
+        return bearer(self.env)
+
     def get(self, path: str, timeout: float = 30.0) -> Any:
-        """JSON of ``GET path``; None for 404."""
+        """JSON of ``GET path`` (with an admin's token); None for 404."""
         try:
-            with urllib.request.urlopen(self.http + path, timeout=timeout) as rsp:
+            request = urllib.request.Request(self.http + path, headers=self.headers)
+            with urllib.request.urlopen(request, timeout=timeout) as rsp:
                 return json.loads(rsp.read())
         except urllib.error.HTTPError as exc:
             if exc.code == 404:

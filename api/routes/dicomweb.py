@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import pydicom
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import ClientDisconnect
 
 from api.multipart import BodyRefused, PartSpool, SpoolLimits
+from api.security import require
 from core.ingest import (
     IngestError,
     InstanceMeta,
@@ -39,7 +40,7 @@ from core.storage import Storage
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require("stow"))])
 
 # Failure Reason (0008,1197) values, PS3.18 Table I.2-1 / PS3.4 C-STORE statuses.
 PROCESSING_FAILURE = 0x0110

@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from sqlalchemy import func, select
 
 from api.deps import SessionDep
+from api.security import require
 from core.encoding import printable
 from core.tables import Delivery, Instance, Job, Prediction, Report, RoutingDecision, Series, Study
 
-router = APIRouter(prefix="/api/studies", tags=["studies"])
+router = APIRouter(prefix="/api/studies", tags=["studies"], dependencies=[Depends(require("studies:read"))])
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from pydicom import Dataset
 
+from tests.accounts import bearer
 from tests.peers import free_port, gateway_serve
 
 BOUNDARY = "gateway-test-boundary"
@@ -29,6 +30,8 @@ class ApiServer:
     dicom_port: int
     pid: int
     data_dir: Path
+    #: Authorization of an admin's token (scopes studies:read, stow, admin).
+    headers: dict[str, str]
 
     def rss(self) -> int:
         """The server's resident memory now (bytes), from /proc."""
@@ -51,7 +54,9 @@ def api_server(root: Path, **settings: str) -> Iterator[ApiServer]:
         **{f"GATEWAY_{name}": value for name, value in settings.items()},
     }
     with gateway_serve(env, root / "gateway.log") as proc:
-        yield ApiServer(f"http://127.0.0.1:{http_port}", http_port, dicom_port, proc.pid, root / "var")
+        yield ApiServer(
+            f"http://127.0.0.1:{http_port}", http_port, dicom_port, proc.pid, root / "var", bearer(env)
+        )
 
 
 def part10(ds: Dataset) -> bytes:
@@ -127,6 +132,7 @@ def raw_post(
     """POST over a plain socket: the body is sent from ``chunks`` (may be endless) on a thread while the
     response is read, and sending stops once the response is complete, as a client that reads early would."""
     head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
+    headers = {**server.headers, **headers}
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
     done = threading.Event()
     sent = 0

@@ -15,6 +15,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from tests import factories as f
+from tests.accounts import bearer
 from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import free_port, gateway_serve, storescp
 
@@ -36,11 +37,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         ),
     }
     with storescp(root / "pacs", pacs_port), gateway_serve(env, root / "gateway.log"):
-        yield {"url": f"http://127.0.0.1:{http_port}", "pacs": root / "pacs"}
+        yield {"url": f"http://127.0.0.1:{http_port}", "pacs": root / "pacs", "headers": bearer(env)}
 
 
 def _client(gateway: dict[str, Any]) -> DICOMwebClient:
-    return DICOMwebClient(url=f"{gateway['url']}/dicomweb")
+    return DICOMwebClient(url=f"{gateway['url']}/dicomweb", headers=gateway["headers"])
 
 
 def test_store_instances_and_get_reports(gateway: dict[str, Any]) -> None:
@@ -52,7 +53,9 @@ def test_store_instances_and_get_reports(gateway: dict[str, Any]) -> None:
     assert "FailedSOPSequence" not in response
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        with requests.get(f"{gateway['url']}/api/studies/{study_uid}", timeout=10) as rsp:
+        with requests.get(
+            f"{gateway['url']}/api/studies/{study_uid}", headers=gateway["headers"], timeout=10
+        ) as rsp:
             study = rsp.json()
         if len(study["reports"]) == 2 and all(
             d["status"] == "sent" for r in study["reports"] for d in r["deliveries"]
@@ -79,7 +82,10 @@ def test_partial_failure_lists_the_rejected_instance(gateway: dict[str, Any]) ->
 
 def _post(gateway: dict[str, Any], body: bytes, content_type: str) -> requests.Response:
     return requests.post(
-        f"{gateway['url']}/dicomweb/studies", data=body, headers={"Content-Type": content_type}, timeout=30
+        f"{gateway['url']}/dicomweb/studies",
+        data=body,
+        headers={**gateway["headers"], "Content-Type": content_type},
+        timeout=30,
     )
 
 
@@ -107,5 +113,7 @@ def test_resend_is_stored_once(gateway: dict[str, Any]) -> None:
     for _ in range(2):
         response = _client(gateway).store_instances([ds])
         assert len(response.ReferencedSOPSequence) == 1
-    with requests.get(f"{gateway['url']}/api/studies/{ds.StudyInstanceUID}", timeout=10) as rsp:
+    with requests.get(
+        f"{gateway['url']}/api/studies/{ds.StudyInstanceUID}", headers=gateway["headers"], timeout=10
+    ) as rsp:
         assert rsp.json()["instances"] == 1

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
 from core import jobs
+from core.accounts import create_token, create_user
 from core.db import make_engine, make_sessionmaker, transaction
 from core.heartbeat import record_heartbeat
 from core.settings import Settings, WorkerSettings
@@ -28,9 +29,13 @@ from core.tables import Job, WorkerHeartbeat, utcnow
 from gateway import worker as worker_module
 from gateway.runtime import Runtime
 from gateway.worker import Worker
+from tests.accounts import PASSWORD
 from tests.peers import free_port, wait_for
 
 HELD = "test_health_held"
+
+
+_TOKENS: dict[str, str] = {}  # API url -> a token for it
 
 
 def _settings(tmp_path: Path, **worker: Any) -> Settings:
@@ -48,6 +53,9 @@ def _settings(tmp_path: Path, **worker: Any) -> Settings:
 def _api(factory: sessionmaker[Session], settings: Settings) -> Iterator[str]:
     """The HTTP API served by uvicorn on a free loopback port, in a thread of this process."""
     port = free_port()
+    with transaction(factory) as session:
+        user = create_user(session, username=f"monitor{port}", role="admin", password=PASSWORD, actor="test")
+        _TOKENS[f"http://127.0.0.1:{port}"] = create_token(session, user, [], days=1, actor="test")[1]
     config = uvicorn.Config(create_app(factory, settings), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -61,7 +69,7 @@ def _api(factory: sessionmaker[Session], settings: Settings) -> Iterator[str]:
 
 
 def _ready(url: str) -> tuple[int, dict[str, Any]]:
-    rsp = requests.get(f"{url}/readyz", timeout=10)
+    rsp = requests.get(f"{url}/readyz", headers={"Authorization": f"Bearer {_TOKENS[url]}"}, timeout=10)
     return rsp.status_code, rsp.json()
 
 

@@ -155,7 +155,10 @@ def test_idle_upload_is_408(server: ApiServer) -> None:
 
 def _post(server: ApiServer, body: bytes, content_type: str = STOW_TYPE) -> httpx.Response:
     return httpx.post(
-        f"{server.url}/dicomweb/studies", content=body, headers={"Content-Type": content_type}, timeout=60
+        f"{server.url}/dicomweb/studies",
+        content=body,
+        headers={**server.headers, "Content-Type": content_type},
+        timeout=60,
     )
 
 
@@ -176,8 +179,9 @@ def test_whole_request_refusals_store_nothing(server: ApiServer) -> None:
 
 
 def test_validation_errors_do_not_quote_the_input(server: ApiServer) -> None:
-    rsp = httpx.post(f"{server.url}/api/orthanc/webhook", json={"study": ["MZ\x90\x00payload"]}, timeout=30)
-    assert rsp.status_code == 422 and rsp.json()["detail"][0]["loc"] == ["body", "study"]
+    body = {"username": ["MZ\x90\x00payload"], "role": "admin", "password": "x"}
+    rsp = httpx.post(f"{server.url}/api/users", json=body, headers=server.headers, timeout=30)
+    assert rsp.status_code == 422 and rsp.json()["detail"][0]["loc"] == ["body", "username"]
     assert "payload" not in rsp.text and "MZ" not in rsp.text
 
 
@@ -234,7 +238,7 @@ def test_bad_parts_fail_alone_with_their_reason(server: ApiServer) -> None:
         assert data[:128] == bytes(128) and data[128:132] == b"DICM"
         assert pydicom.dcmread(path / f"{ds.SOPInstanceUID}.dcm").PixelData == ds.PixelData
     assert _leftovers(server) == []
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as client:
         for ds in good:
             study = client.get(f"/api/studies/{ds.StudyInstanceUID}").json()
             assert study["instances"] == 1 and json.dumps(study).isascii()

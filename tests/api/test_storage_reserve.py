@@ -39,7 +39,7 @@ def _stow(server: ApiServer, ds: pydicom.Dataset) -> httpx.Response:
     return httpx.post(
         f"{server.url}/dicomweb/studies",
         content=multipart([part10(ds)]),
-        headers={"Content-Type": STOW_TYPE},
+        headers={**server.headers, "Content-Type": STOW_TYPE},
         timeout=60,
     )
 
@@ -48,7 +48,7 @@ def _nothing_half_written(server: ApiServer) -> None:
     storage = server.data_dir / "storage"
     assert list((storage / "tmp").iterdir()) == []
     assert list(storage.glob("instances/**/*.dcm")) == []
-    assert httpx.get(f"{server.url}/api/studies", timeout=30).json() == []
+    assert httpx.get(f"{server.url}/api/studies", headers=server.headers, timeout=30).json() == []
 
 
 def test_reserve_refuses_then_resumes(server: ApiServer, tmp_path: Path) -> None:
@@ -82,7 +82,9 @@ def test_reserve_refuses_then_resumes(server: ApiServer, tmp_path: Path) -> None
     filler.unlink()
     assert send_file(server.dicom_port, path) == 0x0000
     assert _stow(server, stowed).status_code == 200
-    instances = httpx.get(f"{server.url}/api/studies/{study}", timeout=30).json()["series"]
+    instances = httpx.get(f"{server.url}/api/studies/{study}", headers=server.headers, timeout=30).json()[
+        "series"
+    ]
     assert sorted(i["sop_instance_uid"] for s in instances for i in s["instances"]) == sorted(
         [str(ds.SOPInstanceUID), str(stowed.SOPInstanceUID)]
     )

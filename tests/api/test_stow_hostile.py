@@ -73,7 +73,7 @@ def test_hostile_parts_get_the_c_store_reasons(server: ApiServer, tmp_path: Path
     rsp = httpx.post(
         f"{server.url}/dicomweb/studies",
         content=multipart(parts),
-        headers={"Content-Type": STOW_TYPE},
+        headers={**server.headers, "Content-Type": STOW_TYPE},
         timeout=120,
     )
     grown = _peak_rss(server) - peak_before

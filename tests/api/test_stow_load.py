@@ -87,7 +87,7 @@ def test_200_mib_streamed_body(server: ApiServer) -> None:
         rsp = httpx.post(
             f"{server.url}/dicomweb/studies",
             content=_stream(datasets, side),
-            headers={"Content-Type": STOW_TYPE, "Content-Length": str(size)},
+            headers={**server.headers, "Content-Type": STOW_TYPE, "Content-Length": str(size)},
             timeout=600,
         )
     assert rsp.status_code == 200, rsp.text
@@ -107,7 +107,10 @@ def test_many_tiny_parts(server: ApiServer, parts: int, status: int) -> None:
     baseline = server.rss()
     with probing(server) as probe:
         rsp = httpx.post(
-            f"{server.url}/dicomweb/studies", content=body, headers={"Content-Type": STOW_TYPE}, timeout=600
+            f"{server.url}/dicomweb/studies",
+            content=body,
+            headers={**server.headers, "Content-Type": STOW_TYPE},
+            timeout=600,
         )
     assert rsp.status_code == status, rsp.text[:200]
     if status == 409:
@@ -137,7 +140,10 @@ def test_slow_clients(server: ApiServer) -> None:
                 yield body[start : start + 1024]
 
         rsp = httpx.post(
-            f"{server.url}/dicomweb/studies", content=drip(), headers={"Content-Type": STOW_TYPE}, timeout=120
+            f"{server.url}/dicomweb/studies",
+            content=drip(),
+            headers={**server.headers, "Content-Type": STOW_TYPE},
+            timeout=120,
         )
         results.append(rsp.status_code)
 

@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from tests import factories as f
+from tests.accounts import port_headers
 from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import (
     SHARED_DICOM,
@@ -95,7 +96,10 @@ class Gateway:
         self.http_port = http_port
 
     def api(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", headers=port_headers(self.http_port)
+        )
+        with urllib.request.urlopen(request, timeout=10) as rsp:
             return json.loads(rsp.read())
 
     def study(self, uid: str) -> dict[str, Any]:

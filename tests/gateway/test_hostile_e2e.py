@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests import hostile as h
+from tests.accounts import port_headers
 from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import SHARED_DICOM, free_port, gateway_serve, storescu, wait_for
 
@@ -22,7 +23,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _api(port: int, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as rsp:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=port_headers(port))
+    with urllib.request.urlopen(request, timeout=10) as rsp:
         return json.loads(rsp.read())
 
 

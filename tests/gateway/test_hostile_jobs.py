@@ -35,6 +35,7 @@ from gateway.worker import Worker
 from inference.registry import ModelRegistry
 from tests import factories as f
 from tests import hostile as h
+from tests.accounts import issue_token
 from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import SHARED_DICOM, free_port, wait_for
 
@@ -278,7 +279,9 @@ def test_job_errors_shown_by_the_api_carry_no_dataset_bytes(
     try:
         with rt.factory() as session:
             uid = session.get(Study, study_id).study_instance_uid  # type: ignore[union-attr]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{uid}", timeout=10) as rsp:
+        url = f"http://127.0.0.1:{port}/api/studies/{uid}"
+        headers = {"Authorization": f"Bearer {issue_token(rt.settings.sqlalchemy_url)}"}
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as rsp:
             study: dict[str, Any] = json.loads(rsp.read())
     finally:
         server.should_exit = True

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from core.tables import WorkerHeartbeat
 from tests import factories as f
+from tests.accounts import bearer
 from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import dcmtk, free_port, gateway_serve, storescp, storescu, wait_for
 
@@ -52,7 +53,9 @@ def _env(tmp_path: Path, models: Path, **extra: str) -> dict[str, str]:
 
 
 def _ready(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    rsp = requests.get(f"http://127.0.0.1:{env['GATEWAY_HTTP__PORT']}/readyz", timeout=10)
+    rsp = requests.get(
+        f"http://127.0.0.1:{env['GATEWAY_HTTP__PORT']}/readyz", headers=bearer(env), timeout=10
+    )
     return rsp.status_code, rsp.json()
 
 
@@ -230,7 +233,10 @@ def test_workers_over_their_memory_limit_die_alone(models: Path, tmp_path: Path)
         uid = _send_study(env, tmp_path / "study", instances=1)
         http = f"http://127.0.0.1:{env['GATEWAY_HTTP__PORT']}"
         assert requests.get(f"{http}/healthz", timeout=10).json() == {"status": "ok", "database": "ok"}
-        assert requests.get(f"{http}/api/studies/{uid}", timeout=10).json()["instances"] == 1
+        assert (
+            requests.get(f"{http}/api/studies/{uid}", headers=bearer(env), timeout=10).json()["instances"]
+            == 1
+        )
         code, body = _ready(env)
         assert code == 503 and body["reasons"] == ["no worker heartbeat in the last 3 s"]
         assert serve.poll() is None

@@ -19,6 +19,7 @@ import pytest
 from orthanc_api_client import OrthancApiClient
 
 from tests import factories as f
+from tests.accounts import port_headers
 from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import free_port, gateway_serve, orthanc_server, storescu, wait_for
 from tests.reporting.dciodvfy import assert_dciodvfy_clean
@@ -98,7 +99,10 @@ class Setup:
             return int(err.code)
 
     def study(self, uid: str) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.gw_http}/api/studies/{uid}", timeout=10) as rsp:
+        url = f"http://127.0.0.1:{self.gw_http}/api/studies/{uid}"
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=port_headers(self.gw_http)), timeout=10
+        ) as rsp:
             return json.loads(rsp.read())
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep
 from api.pages import page
@@ -108,13 +109,8 @@ def users_create_form(
         )
         session.commit()
     except AccountError as exc:
-        session.rollback()
-        return page(
-            request, "admin_users.html", 400, users=_users(session), roles=ROLES, message=None, error=str(exc)
-        )
-    return RedirectResponse(
-        f"/admin/users?{urlencode({'message': f'user {username} created'})}", status_code=303
-    )
+        return _users_refused(request, session, exc)
+    return _users_done(f"user {username} created")
 
 
 @router.post("/admin/users/{username}/{change}", include_in_schema=False)
@@ -127,13 +123,20 @@ def users_disable_form(
         _change_disabled(session, principal, username, change == "disable", client_address(request))
         session.commit()
     except AccountError as exc:
-        session.rollback()
-        return page(
-            request, "admin_users.html", 400, users=_users(session), roles=ROLES, message=None, error=str(exc)
-        )
-    return RedirectResponse(
-        f"/admin/users?{urlencode({'message': f'user {username} {change}d'})}", status_code=303
+        return _users_refused(request, session, exc)
+    return _users_done(f"user {username} {change}d")
+
+
+def _users_refused(request: Request, session: Session, exc: AccountError) -> Response:
+    """The users page again, with why the change was refused (nothing of it was stored)."""
+    session.rollback()
+    return page(
+        request, "admin_users.html", 400, users=_users(session), roles=ROLES, message=None, error=str(exc)
     )
+
+
+def _users_done(message: str) -> Response:
+    return RedirectResponse(f"/admin/users?{urlencode({'message': message})}", status_code=303)
 
 
 def _filter(

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -24,8 +25,8 @@ from core.settings import Settings
 from core.storage import Storage
 from orthanc import webhook as orthanc_webhook
 
-#: Routes anyone may call: the liveness probe, signing in, and the stylesheets and scripts of the pages.
-PUBLIC_PATHS = ("/healthz", "/login", "/static")
+#: Routes anyone may call: the liveness and readiness probes, signing in, the pages' stylesheets and scripts.
+PUBLIC_PATHS = ("/healthz", "/readyz", "/login", "/static")
 
 
 def create_app(session_factory: sessionmaker[Session], settings: Settings) -> FastAPI:
@@ -52,6 +53,11 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
         # FastAPI's default answer quotes the offending input: no byte a client sent comes back to it.
         errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, exc: OperationalError) -> Response:
+        # the database is down or restarting (credentials cannot even be checked): a retryable 503, not a 500
+        return JSONResponse({"detail": "database unavailable; try again shortly"}, status_code=503)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

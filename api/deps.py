@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from core.db import read_session
+
 
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.session_factory() as session:
@@ -15,3 +17,12 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_read_session(request: Request) -> Iterator[Session]:
+    """A session for routes that only read (no write lock on SQLite; see core.db.read_session)."""
+    with read_session(request.app.state.session_factory) as session:
+        yield session
+
+
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]

@@ -19,7 +19,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from api import security
 from api.deps import SessionDep
 from api.pages import NOTICE, STATIC_DIR, page
-from api.routes import admin, auth, dicomweb, health, studies
+from api.routes import admin, auth, decisions, dicomweb, health, review, studies
 from api.security import Authenticated
 from core.settings import Settings
 from core.storage import Storage
@@ -77,6 +77,8 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(auth.router)
     app.include_router(admin.router)
+    app.include_router(review.router)
+    app.include_router(decisions.router)
     app.include_router(studies.router)
     app.include_router(orthanc_webhook.router)
     app.include_router(dicomweb.router)

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 PROCESS_STUDY = "process_study"
 DELIVER = "deliver"
 PULL_ORTHANC_STUDY = "pull_orthanc_study"
+#: A radiologist's saved review becomes a verified SR (then delivered like any report).
+VERIFY_REVIEW = "verify_review"
+#: The images, heatmaps and optic-disc positions the case page shows, drawn once per study.
+RENDER_STUDY = "render_study"
 
 
 #: How long recording a job's outcome waits out a database outage before giving up (the job is then taken

@@ -280,6 +280,37 @@ class ReportingSettings(BaseModel):
     series_number: int = Field(9901, ge=1)
 
 
+class ReviewSettings(BaseModel):
+    """The radiologists' worklist and case page (GATEWAY_REVIEW__*)."""
+
+    #: A finding whose probability lies within this of its model's threshold is "uncertain" (shown first).
+    uncertain_band: float = Field(0.1, ge=0, le=1)
+    #: How long opening a case marks it as being reviewed by that user.
+    claim_minutes: float = Field(15.0, gt=0)
+    #: "Open in viewer" link, e.g. "https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}"
+    #: (placeholders: {study_uid}, {accession}); none: no link.
+    viewer_url_template: str | None = None
+    #: Verifying Organization of the verified reports.
+    organization: str = Field("screening-gateway", min_length=1, max_length=64)
+    #: Worklist rows per page.
+    page_size: int = Field(50, ge=5, le=500)
+    #: Longest side of the image the case page shows, in pixels.
+    display_max_side: int = Field(2048, ge=256, le=8192)
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://", "/")):
+            raise ValueError("must start with http://, https:// or /")
+        try:
+            value.format(study_uid="1.2", accession="A")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"placeholders are {{study_uid}} and {{accession}}: {exc}") from None
+        return value
+
+
 class IngestSettings(BaseModel):
     """What one instance may cost: checked at C-STORE and STOW before storage, again before decoding."""
 
@@ -361,6 +392,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     inference: InferenceSettings = InferenceSettings()
     reporting: ReportingSettings = ReportingSettings()
+    review: ReviewSettings = ReviewSettings()
     routing: RoutingSettings = RoutingSettings()
     orthanc: OrthancSettings = OrthancSettings()
     #: JSON list of {"name","ae_title","host","port"} (optionally "tls": true and the tls_* keys of

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 #: Every temp file in ``tmp/`` starts with this: prepare() removes them after a crash.
 TMP_PREFIX = _TMP_PREFIX = ".incoming-"
+_SUFFIX = re.compile(r"(\.[A-Za-z0-9_-]+(?:\.[0-9]+)*)+")
 
 
 class InvalidUID(ValueError):
@@ -69,6 +71,18 @@ class Storage:
 
     def report_path(self, study_uid: str, sop_uid: str) -> str:
         return f"reports/{check_uid(study_uid, 'Study Instance UID')}/{check_uid(sop_uid, 'SOP UID')}.dcm"
+
+    def rendition_path(self, study_uid: str, sop_uid: str, suffix: str) -> str:
+        """Relative path of a file the case page shows for an instance (``suffix``: ".png", ".thumb.jpg",
+        ".json", ".glaucoma-1.1.0.heatmap.png" ...)."""
+        if not _SUFFIX.fullmatch(suffix):
+            raise InvalidUID(f"invalid rendition suffix {suffix!r}")
+        study = check_uid(study_uid, "Study Instance UID")
+        return f"renditions/{study}/{check_uid(sop_uid, 'SOP Instance UID')}{suffix}"
+
+    def heatmap_path(self, study_uid: str, sop_uid: str, model: str, version: str) -> str:
+        """Relative path of a model's heatmap of an instance (one per model version)."""
+        return self.rendition_path(study_uid, sop_uid, f".{model}-{version}.heatmap.png")
 
     def absolute(self, relative: str) -> Path:
         path = (self.root / relative).resolve()

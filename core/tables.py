@@ -176,6 +176,8 @@ class Report(Base):
     path: Mapped[str] = mapped_column(String(255))
     verification: Mapped[str] = mapped_column(String(16), default="UNVERIFIED")
     supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("report.id", ondelete="SET NULL"))
+    #: For a VERIFIED report: the review (decision version) it records.
+    review_id: Mapped[int | None] = mapped_column(ForeignKey("review.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     predictions: Mapped[list[Prediction]] = relationship(back_populates="report")
@@ -306,6 +308,88 @@ class LoginAttempt(Base):
     username: Mapped[str] = mapped_column(String(64), index=True)
     client: Mapped[str | None] = mapped_column(String(64), index=True)
     success: Mapped[bool] = mapped_column(Boolean)
+
+
+class ReviewCase(Base):
+    """A study with AI results, as the worklist shows it: one row per study, refreshed whenever an AI report
+    or a review of it is written (core.worklist.refresh_case). Filters read it and its findings."""
+
+    __tablename__ = "review_case"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    #: Study Date (DICOM DA, YYYYMMDD), or the day the study arrived when it has none.
+    study_date: Mapped[str] = mapped_column(String(8), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: Some finding of a current AI report is present.
+    ai_positive: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Smallest |probability - threshold| over the current findings (None: nothing assessable).
+    margin: Mapped[float | None] = mapped_column(Float)
+    #: Some image was assessable by some model.
+    assessable: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: unreviewed | reviewed (every current AI report has a review) | flagged (for a second reader)
+    status: Mapped[str] = mapped_column(String(16), default="unreviewed")
+    claimed_by_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id", ondelete="SET NULL"))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    claimed_by: Mapped[User | None] = relationship()
+
+    __table_args__ = (Index("ix_review_case_order", "status", "received_at", "id"),)
+
+
+class ReviewFinding(Base):
+    """One finding (or a not-assessable image) of a study's current AI reports: what the worklist filters
+    on."""
+
+    __tablename__ = "review_finding"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("review_case.id", ondelete="CASCADE"), index=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("prediction.id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(32))
+    finding: Mapped[str | None] = mapped_column(String(32))
+    label: Mapped[str | None] = mapped_column(String(16))  # present | absent | None (not assessable)
+    #: |probability - threshold|; None when not assessable.
+    margin: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        Index("ix_review_finding_model", "model_name", "finding", "label", "case_id"),
+        Index("ix_review_finding_finding", "finding", "label", "case_id"),
+    )
+
+
+class Review(Base):
+    """One saved decision (a version) of one reviewer on one AI report: append-only (database triggers refuse
+    UPDATE and DELETE); a revision is a new row with the next version. The worker turns each into a
+    verified SR (Report.review_id)."""
+
+    __tablename__ = "review"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    #: The AI report reviewed.
+    report_id: Mapped[int] = mapped_column(ForeignKey("report.id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id", ondelete="SET NULL"))
+    #: The reviewer as the verified SR names them (user name and full name at the time of the decision).
+    username: Mapped[str] = mapped_column(String(64))
+    full_name: Mapped[str | None] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Per image: {"sop_instance_uid", "ai_label", "label", "action", "reason"} (see core.labels).
+    answers: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    comment: Mapped[str | None] = mapped_column(Text)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Glaucoma: age, sex, laterality, intraocular pressure, cup-to-disc ratio, known diagnosis.
+    clinical: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    user: Mapped[User | None] = relationship()
+
+    __table_args__ = (UniqueConstraint("report_id", "version"),)
 
 
 class OrthancCursor(Base):

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from core.db import transaction
 from core.domain import ImageResult, InstanceRef
 from core.encoding import describe, printable
-from core.jobs import DELIVER, ClaimedJob, PermanentError, enqueue
+from core.jobs import DELIVER, RENDER_STUDY, ClaimedJob, PermanentError, enqueue
 from core.tables import (
     AuditEvent,
     Delivery,
@@ -36,6 +36,7 @@ from core.tables import (
     Study,
     utcnow,
 )
+from core.worklist import refresh_case
 from gateway.runtime import Runtime
 from gateway.sources import UnreadableSource, read_source
 from inference.model import not_assessable, run_model
@@ -240,6 +241,16 @@ def _report_model(
             session.add(capture)
             session.flush()
             _ensure_deliveries(rt, session, capture)
+        session.flush()
+        refresh_case(session, study_id)  # the worklist shows the new result (and it awaits review again)
+        enqueue(
+            session,
+            kind=RENDER_STUDY,
+            priority=150,  # after deliveries and new studies: nobody waits on the SR for it
+            payload={"study_instance_uid": study_uid},
+            study_id=study_id,
+            dedupe_key=f"render:{study_uid}",
+        )
         session.add(
             AuditEvent(
                 actor=f"job:{job.id}",

@@ -26,11 +26,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import jobs
 from core.encoding import describe
 from core.heartbeat import record_heartbeat, remove_heartbeats
-from core.jobs import DELIVER, PROCESS_STUDY, PULL_ORTHANC_STUDY, ClaimedJob, PermanentError, Retry
+from core.jobs import (
+    DELIVER,
+    PROCESS_STUDY,
+    PULL_ORTHANC_STUDY,
+    RENDER_STUDY,
+    VERIFY_REVIEW,
+    ClaimedJob,
+    PermanentError,
+    Retry,
+)
 from core.tables import utcnow
 from dicom_listener.completion import complete_studies
 from gateway.delivery import deliver
 from gateway.orthanc_pull import pull_orthanc_study
+from gateway.review import render_study, verify_review
 from gateway.runtime import Runtime
 from gateway.study import process_study
 from orthanc.client import OrthancUnavailable
@@ -43,6 +53,8 @@ HANDLERS: dict[str, Callable[[Runtime, ClaimedJob], None]] = {
     PROCESS_STUDY: process_study,
     DELIVER: deliver,
     PULL_ORTHANC_STUDY: pull_orthanc_study,
+    VERIFY_REVIEW: verify_review,
+    RENDER_STUDY: render_study,
 }
 
 #: The heartbeat renews a lease every third of GATEWAY_WORKER__LEASE_SECONDS, but never more often than this.

@@ -1,0 +1,420 @@
+"""The radiologists' worklist: one case per study with AI results, filtered, counted, ordered by priority, and
+claimed while someone reviews it.
+
+``review_case`` and ``review_finding`` are derived rows, rebuilt by :func:`refresh_case` in the transaction
+that writes an AI report or a review, so the worklist query never aggregates predictions (10,000 studies stay
+fast). Priority: a case with a present finding, or a finding within ``band`` of its threshold (uncertain),
+comes first; then the oldest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.tables import (
+    Instance,
+    Prediction,
+    Report,
+    Review,
+    ReviewCase,
+    ReviewFinding,
+    Series,
+    Study,
+    User,
+    utcnow,
+)
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+STATUSES = ("unreviewed", "in_review", "reviewed", "flagged")
+AI_LABELS = ("present", "absent", "uncertain", "not_assessable")
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """What the worklist shows; every field None means "any". Dates are DICOM DA strings (YYYYMMDD)."""
+
+    model: str | None = None
+    finding: str | None = None
+    ai_label: str | None = None  # one of AI_LABELS
+    status: str | None = "unreviewed"  # one of STATUSES
+    assessable: bool | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+    modality: str | None = None
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    study_instance_uid: str
+    accession_number: str | None
+    study_date: str
+    modality: str | None
+    received_at: datetime
+    status: str  # one of STATUSES
+    priority: int  # 0: positive or uncertain, 1: the rest
+    claimed_by: str | None
+    claim_expires_at: datetime | None
+    findings: list[dict[str, Any]]  # model, finding, label, probability, threshold, uncertain
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    rows: list[WorklistRow]
+    total: int
+    counts: dict[str, dict[str, int]]  # facet -> value -> cases (the other filters applied)
+
+
+def current_reports(session: Session, study_id: int) -> list[Report]:
+    """The latest AI report of each model for the study (not captures, not verified reports)."""
+    reports = session.scalars(
+        select(Report)
+        .where(
+            Report.study_id == study_id,
+            Report.verification == "UNVERIFIED",
+            Report.sop_class_uid != SECONDARY_CAPTURE,
+        )
+        .order_by(Report.id)
+    )
+    latest: dict[str, Report] = {}
+    for report in reports:
+        latest[report.model_name] = report
+    return sorted(latest.values(), key=lambda r: r.model_name)
+
+
+def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
+    """Rebuild the study's case from its current AI reports and their reviews (None: no AI report yet)."""
+    reports = current_reports(session, study_id)
+    if not reports:
+        return None
+    study = session.get(Study, study_id)
+    assert study is not None
+    item = session.scalars(select(ReviewCase).where(ReviewCase.study_id == study_id)).first()
+    if item is None:
+        item = ReviewCase(
+            study_id=study_id,
+            status="unreviewed",
+            study_date=study.study_date or study.first_received_at.strftime("%Y%m%d"),
+            received_at=study.first_received_at,
+        )
+        session.add(item)
+        session.flush()
+    predictions = list(
+        session.scalars(
+            select(Prediction)
+            .where(Prediction.report_id.in_([r.id for r in reports]))
+            .order_by(Prediction.id)
+        )
+    )
+    session.query(ReviewFinding).filter(ReviewFinding.case_id == item.id).delete()
+    margins: list[float] = []
+    for p in predictions:
+        margin = (
+            abs(p.probability - p.threshold)
+            if p.assessable and p.probability is not None and p.threshold is not None
+            else None
+        )
+        if margin is not None:
+            margins.append(margin)
+        session.add(
+            ReviewFinding(
+                case_id=item.id,
+                prediction_id=p.id,
+                model_name=p.model_name,
+                finding=p.finding if p.assessable else None,
+                label=p.label if p.assessable else None,
+                margin=margin,
+            )
+        )
+    modality = session.scalar(
+        select(Series.modality)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Instance.id.in_([p.instance_id for p in predictions] or [-1]))
+        .limit(1)
+    )
+    item.modality = modality
+    item.study_date = study.study_date or study.first_received_at.strftime("%Y%m%d")
+    item.received_at = study.first_received_at
+    item.ai_positive = any(p.assessable and p.label == "present" for p in predictions)
+    item.margin = min(margins) if margins else None
+    item.assessable = any(p.assessable for p in predictions)
+    latest_reviews = [
+        session.scalars(
+            select(Review).where(Review.report_id == r.id).order_by(Review.version.desc()).limit(1)
+        ).first()
+        for r in reports
+    ]
+    if all(r is not None for r in latest_reviews):
+        done = [r for r in latest_reviews if r is not None]
+        item.status = "flagged" if any(r.flagged for r in done) else "reviewed"
+        item.reviewed_at = max(r.at for r in done)
+    else:
+        item.status = "unreviewed"
+    item.updated_at = utcnow()
+    return item
+
+
+def _status_expr(now: datetime) -> Any:
+    return case(
+        (
+            and_(ReviewCase.status == "unreviewed", ReviewCase.claim_expires_at > now),
+            "in_review",
+        ),
+        else_=ReviewCase.status,
+    )
+
+
+def _priority_expr(band: float) -> Any:
+    return case((or_(ReviewCase.ai_positive.is_(True), ReviewCase.margin <= band), 0), else_=1)
+
+
+def _finding_conditions(f: WorklistFilter, band: float) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if f.model:
+        conditions.append(ReviewFinding.model_name == f.model)
+    if f.finding:
+        conditions.append(ReviewFinding.finding == f.finding)
+    if f.ai_label == "present":
+        conditions.append(ReviewFinding.label == "present")
+    elif f.ai_label == "absent":
+        conditions.append(ReviewFinding.label == "absent")
+    elif f.ai_label == "uncertain":
+        conditions.append(ReviewFinding.margin <= band)
+    elif f.ai_label == "not_assessable":
+        conditions.append(ReviewFinding.finding.is_(None))
+    return conditions
+
+
+def _case_conditions(f: WorklistFilter, band: float, now: datetime) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    finding_conditions = _finding_conditions(f, band)
+    if finding_conditions:
+        conditions.append(exists().where(ReviewFinding.case_id == ReviewCase.id, *finding_conditions))
+    if f.status:
+        conditions.append(_status_expr(now) == f.status)
+    if f.assessable is not None:
+        conditions.append(ReviewCase.assessable.is_(f.assessable))
+    if f.date_from:
+        conditions.append(ReviewCase.study_date >= f.date_from)
+    if f.date_to:
+        conditions.append(ReviewCase.study_date <= f.date_to)
+    if f.modality:
+        conditions.append(ReviewCase.modality == f.modality)
+    return conditions
+
+
+def query_worklist(
+    session: Session,
+    f: WorklistFilter,
+    *,
+    band: float,
+    offset: int = 0,
+    limit: int = 50,
+    now: datetime | None = None,
+) -> WorklistPage:
+    """One page of the worklist in priority order, its total and the counts per filter value."""
+    now = now or utcnow()
+    conditions = _case_conditions(f, band, now)
+    status = _status_expr(now)
+    priority = _priority_expr(band)
+    rows = session.execute(
+        select(ReviewCase, Study.study_instance_uid, Study.accession_number, status, priority)
+        .join(Study, Study.id == ReviewCase.study_id)
+        .where(*conditions)
+        .order_by(priority, ReviewCase.received_at, ReviewCase.id)
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    total = session.scalar(select(func.count()).select_from(ReviewCase).where(*conditions)) or 0
+    findings = _findings_of(session, [r[0].id for r in rows], band)
+    claimers = _claimers(session, [r[0] for r in rows])
+    page = [
+        WorklistRow(
+            study_instance_uid=uid,
+            accession_number=accession,
+            study_date=item.study_date,
+            modality=item.modality,
+            received_at=item.received_at,
+            status=row_status,
+            priority=row_priority,
+            claimed_by=claimers.get(item.claimed_by_id) if row_status == "in_review" else None,
+            claim_expires_at=item.claim_expires_at if row_status == "in_review" else None,
+            findings=findings.get(item.id, []),
+        )
+        for item, uid, accession, row_status, row_priority in rows
+    ]
+    return WorklistPage(page, total, facet_counts(session, f, band=band, now=now))
+
+
+def facet_counts(
+    session: Session, f: WorklistFilter, *, band: float, now: datetime
+) -> dict[str, dict[str, int]]:
+    """Cases per value of each filter, with the other filters applied (what choosing that value would
+    show)."""
+    status = _status_expr(now)
+    counts: dict[str, dict[str, int]] = {}
+    without = _case_conditions(replace(f, status=None), band, now)
+    counts["status"] = {
+        str(value): n
+        for value, n in session.execute(
+            select(status, func.count()).select_from(ReviewCase).where(*without).group_by(status)
+        )
+    }
+    without = _case_conditions(replace(f, modality=None), band, now)
+    counts["modality"] = {
+        str(value or ""): n
+        for value, n in session.execute(
+            select(ReviewCase.modality, func.count()).where(*without).group_by(ReviewCase.modality)
+        )
+    }
+    without = _case_conditions(replace(f, assessable=None), band, now)
+    counts["assessable"] = {
+        ("yes" if value else "no"): n
+        for value, n in session.execute(
+            select(ReviewCase.assessable, func.count()).where(*without).group_by(ReviewCase.assessable)
+        )
+    }
+    # finding-level facets: the case filters plus the other finding conditions, counted per value
+    for facet, column in (("model", ReviewFinding.model_name), ("finding", ReviewFinding.finding)):
+        rest = replace(f, **{facet: None})
+        counts[facet] = {
+            str(value): n
+            for value, n in session.execute(
+                select(column, func.count(func.distinct(ReviewFinding.case_id)))
+                .join(ReviewCase, ReviewCase.id == ReviewFinding.case_id)
+                .where(*_case_conditions(replace(rest, model=None, finding=None, ai_label=None), band, now))
+                .where(*_finding_conditions(rest, band))
+                .where(column.is_not(None))
+                .group_by(column)
+            )
+        }
+    rest = replace(f, ai_label=None)
+    base = select(func.count(func.distinct(ReviewFinding.case_id))).join(
+        ReviewCase, ReviewCase.id == ReviewFinding.case_id
+    )
+    base = base.where(*_case_conditions(replace(rest, model=None, finding=None), band, now)).where(
+        *_finding_conditions(rest, band)
+    )
+    counts["ai_label"] = {
+        "present": session.scalar(base.where(ReviewFinding.label == "present")) or 0,
+        "absent": session.scalar(base.where(ReviewFinding.label == "absent")) or 0,
+        "uncertain": session.scalar(base.where(ReviewFinding.margin <= band)) or 0,
+        "not_assessable": session.scalar(base.where(ReviewFinding.finding.is_(None))) or 0,
+    }
+    return counts
+
+
+def _findings_of(session: Session, case_ids: list[int], band: float) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    if not case_ids:
+        return out
+    rows = session.execute(
+        select(ReviewFinding.case_id, Prediction)
+        .join(Prediction, Prediction.id == ReviewFinding.prediction_id)
+        .where(ReviewFinding.case_id.in_(case_ids))
+        .order_by(ReviewFinding.id)
+    ).all()
+    for case_id, p in rows:
+        out.setdefault(case_id, []).append(
+            {
+                "model": p.model_name,
+                "finding": p.finding if p.assessable else None,
+                "label": p.label if p.assessable else "not_assessable",
+                "probability": p.probability,
+                "threshold": p.threshold,
+                "uncertain": bool(
+                    p.assessable
+                    and p.probability is not None
+                    and p.threshold is not None
+                    and abs(p.probability - p.threshold) <= band
+                ),
+            }
+        )
+    return out
+
+
+def _claimers(session: Session, cases: list[ReviewCase]) -> dict[int, str]:
+    ids = {c.claimed_by_id for c in cases if c.claimed_by_id is not None}
+    if not ids:
+        return {}
+    return {
+        uid: (full or name)
+        for uid, name, full in session.execute(
+            select(User.id, User.username, User.full_name).where(User.id.in_(ids))
+        )
+    }
+
+
+def claim(
+    session: Session, case_id: int, user_id: int, *, minutes: float, now: datetime | None = None
+) -> bool:
+    """Mark the case as being reviewed by ``user_id`` until ``minutes`` from now; False when someone else
+    holds an unexpired claim. Renewing one's own claim is a claim."""
+    now = now or utcnow()
+    result = session.execute(
+        update(ReviewCase)
+        .where(
+            ReviewCase.id == case_id,
+            or_(
+                ReviewCase.claimed_by_id.is_(None),
+                ReviewCase.claimed_by_id == user_id,
+                ReviewCase.claim_expires_at <= now,
+            ),
+        )
+        .values(claimed_by_id=user_id, claim_expires_at=now + timedelta(minutes=minutes))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release(session: Session, case_id: int, user_id: int) -> None:
+    """End ``user_id``'s claim on the case (no-op when they do not hold it)."""
+    session.execute(
+        update(ReviewCase)
+        .where(ReviewCase.id == case_id, ReviewCase.claimed_by_id == user_id)
+        .values(claimed_by_id=None, claim_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def next_case(
+    session: Session,
+    f: WorklistFilter,
+    user_id: int,
+    *,
+    band: float,
+    minutes: float,
+    exclude_study_id: int | None = None,
+    now: datetime | None = None,
+) -> str | None:
+    """Claim the first case of the filter (priority order) nobody else holds; its Study Instance UID."""
+    now = now or utcnow()
+    if f.status == "unreviewed":  # cases this user holds count as theirs to take, not as in review
+        conditions = [
+            *_case_conditions(replace(f, status=None), band, now),
+            ReviewCase.status == "unreviewed",
+        ]
+    else:
+        conditions = _case_conditions(f, band, now)
+    free = or_(
+        ReviewCase.claimed_by_id.is_(None),
+        ReviewCase.claimed_by_id == user_id,
+        ReviewCase.claim_expires_at <= now,
+    )
+    query = (
+        select(ReviewCase.id, Study.study_instance_uid)
+        .join(Study, Study.id == ReviewCase.study_id)
+        .where(*conditions, free)
+        .order_by(_priority_expr(band), ReviewCase.received_at, ReviewCase.id)
+        .limit(20)
+    )
+    if exclude_study_id is not None:
+        query = query.where(ReviewCase.study_id != exclude_study_id)
+    for case_id, uid in session.execute(query).all():
+        if claim(session, case_id, user_id, minutes=minutes, now=now):
+            return str(uid)
+    return None

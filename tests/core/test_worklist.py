@@ -1,0 +1,290 @@
+"""The worklist and decisions on a real database (SQLite file and PostgreSQL): priority order, every filter
+and its counts, claims that expire, "next case", and append-only reviews with versions, retries and
+conflicts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import accounts, labels
+from core.db import transaction
+from core.decisions import Answer, ClinicalData, DecisionError, ReviewConflict, report_images, save_review
+from core.jobs import VERIFY_REVIEW
+from core.tables import AuditEvent, Job, Report, Review, ReviewCase, User, utcnow
+from core.worklist import WorklistFilter, claim, current_reports, next_case, query_worklist, release
+from tests.review_rows import add_study
+
+BAND = 0.1
+
+
+def _users(factory: sessionmaker[Session]) -> tuple[int, int]:
+    with transaction(factory) as s:
+        a = accounts.create_user(s, username="ann", role="radiologist", password="x" * 12, actor="t")
+        b = accounts.create_user(s, username="bob", role="radiologist", password="x" * 12, actor="t")
+        s.flush()
+        return a.id, b.id
+
+
+@pytest.fixture
+def seeded(factory: sessionmaker[Session]) -> dict[str, str]:
+    """Five studies, oldest first: negative, positive, uncertain, not assessable, fundus positive."""
+    now = utcnow()
+    with transaction(factory) as s:
+        studies = {
+            "negative": add_study(
+                s, models={"pneumonia": {}, "covid19": {}}, received_at=now - timedelta(hours=5)
+            ),
+            "positive": add_study(
+                s,
+                models={"pneumonia": {"pneumonia": 0.95, "bacterial_pneumonia": 0.9}, "covid19": {}},
+                received_at=now - timedelta(hours=4),
+                study_date="20240301",
+            ),
+            "uncertain": add_study(
+                s,
+                models={"pneumonia": {"pneumonia": 0.75}, "covid19": {}},
+                received_at=now - timedelta(hours=3),
+            ),
+            "unassessable": add_study(
+                s,
+                models={"pneumonia": None, "covid19": None},
+                received_at=now - timedelta(hours=2),
+                modality="CR",
+            ),
+            "fundus": add_study(
+                s,
+                models={"glaucoma": {"glaucoma": 0.9}},
+                received_at=now - timedelta(hours=1),
+                modality="OP",
+                study_date="20240601",
+            ),
+        }
+        return {k: v.study_instance_uid for k, v in studies.items()}
+
+
+def _uids(factory: sessionmaker[Session], f: WorklistFilter) -> list[str]:
+    with factory() as s:
+        return [r.study_instance_uid for r in query_worklist(s, f, band=BAND).rows]
+
+
+def test_priority_is_positive_or_uncertain_first_then_oldest(
+    factory: sessionmaker[Session], seeded: dict[str, str]
+) -> None:
+    order = _uids(factory, WorklistFilter())
+    names = {v: k for k, v in seeded.items()}
+    assert [names[u] for u in order] == ["positive", "uncertain", "fundus", "negative", "unassessable"]
+    with factory() as s:
+        page = query_worklist(s, WorklistFilter(), band=BAND, limit=2, offset=2)
+    assert page.total == 5 and [names[r.study_instance_uid] for r in page.rows] == ["fundus", "negative"]
+
+
+@pytest.mark.parametrize(
+    ("f", "expected"),
+    [
+        (WorklistFilter(model="glaucoma"), {"fundus"}),
+        (WorklistFilter(model="pneumonia"), {"negative", "positive", "uncertain", "unassessable"}),
+        (WorklistFilter(finding="bacterial_pneumonia", ai_label="present"), {"positive"}),
+        (WorklistFilter(ai_label="present"), {"positive", "fundus"}),
+        (WorklistFilter(ai_label="uncertain"), {"uncertain"}),
+        (WorklistFilter(model="pneumonia", ai_label="not_assessable"), {"unassessable"}),
+        (WorklistFilter(assessable=False), {"unassessable"}),
+        (WorklistFilter(modality="OP"), {"fundus"}),
+        (WorklistFilter(date_from="20240201", date_to="20240401"), {"positive"}),
+        (WorklistFilter(status="reviewed"), set()),
+        (
+            WorklistFilter(status=None, model="covid19", ai_label="absent"),
+            {"negative", "positive", "uncertain"},
+        ),
+    ],
+)
+def test_filters(
+    factory: sessionmaker[Session], seeded: dict[str, str], f: WorklistFilter, expected: set[str]
+) -> None:
+    assert set(_uids(factory, f)) == {seeded[n] for n in expected}
+
+
+def test_counts_per_filter_value_apply_the_other_filters(
+    factory: sessionmaker[Session], seeded: dict[str, str]
+) -> None:
+    with factory() as s:
+        counts = query_worklist(s, WorklistFilter(model="pneumonia"), band=BAND).counts
+    assert counts["model"] == {"pneumonia": 4, "covid19": 4, "glaucoma": 1}  # the model filter left out
+    assert counts["status"] == {"unreviewed": 4}
+    assert counts["ai_label"] == {"present": 1, "absent": 3, "uncertain": 1, "not_assessable": 1}
+    assert counts["modality"] == {"DX": 3, "CR": 1}
+    assert counts["assessable"] == {"yes": 3, "no": 1}
+    assert counts["finding"]["bacterial_pneumonia"] == 3
+
+
+def test_claims_show_expire_and_next_case_skips_them(
+    factory: sessionmaker[Session], seeded: dict[str, str]
+) -> None:
+    ann, bob = _users(factory)
+    with transaction(factory) as s:
+        first = next_case(s, WorklistFilter(), ann, band=BAND, minutes=10)
+    assert first == seeded["positive"]
+    with transaction(factory) as s:
+        ids = {
+            r.study_instance_uid: r
+            for r in query_worklist(s, WorklistFilter(status="in_review"), band=BAND).rows
+        }
+        assert list(ids) == [seeded["positive"]] and ids[seeded["positive"]].claimed_by == "ann"
+        # bob cannot take ann's case, and "next" gives him the one after it
+        case_id = s.scalar(select(ReviewCase.id).join(ReviewCase.claimed_by).where(User.username == "ann"))
+        assert case_id is not None and not claim(s, case_id, bob, minutes=10)
+        assert next_case(s, WorklistFilter(), bob, band=BAND, minutes=10) == seeded["uncertain"]
+        # ann's own next skips her current case only when told to
+        assert next_case(s, WorklistFilter(), ann, band=BAND, minutes=10) == seeded["positive"]
+    with transaction(factory) as s:  # expired: anyone may take it
+        assert claim(s, case_id, bob, minutes=10, now=utcnow() + timedelta(minutes=11))
+    with transaction(factory) as s:
+        release(s, case_id, ann)  # not hers any more: no-op
+        assert s.get(ReviewCase, case_id).claimed_by_id == bob  # type: ignore[union-attr]
+        release(s, case_id, bob)
+        assert s.get(ReviewCase, case_id).claimed_by_id is None  # type: ignore[union-attr]
+
+
+def _report(s: Session, study_uid: str, model: str) -> Report:
+    from core.tables import Study
+
+    study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+    return next(r for r in current_reports(s, study.id) if r.model_name == model)
+
+
+def _save(
+    factory: sessionmaker[Session], uid: str, model: str, label: str, base: int, **kw: object
+) -> Review:
+    with transaction(factory) as s:
+        report = _report(s, uid, model)
+        user = s.scalars(select(User).where(User.username == kw.pop("user", "ann"))).one()
+        answers = [
+            Answer(sop_instance_uid=i.sop_instance_uid, label=label, reason=kw.pop("reason", None))
+            for i in report_images(s, report)
+        ]
+        review, _ = save_review(
+            s,
+            report=report,
+            user=user,
+            answers=answers,
+            base_version=base,
+            actor="user:ann",
+            **kw,  # type: ignore[arg-type]
+        )
+        s.flush()
+        s.expunge(review)
+        return review
+
+
+def test_reviews_are_versions_retries_are_one_and_conflicts_are_refused(
+    factory: sessionmaker[Session], seeded: dict[str, str]
+) -> None:
+    _users(factory)
+    uid = seeded["positive"]
+    first = _save(factory, uid, "pneumonia", "bacterial_pneumonia", 0, comment="clear")
+    assert first.version == 1 and first.answers[0]["action"] == "confirmed"
+    again = _save(factory, uid, "pneumonia", "bacterial_pneumonia", 0, comment="clear")
+    assert again.id == first.id  # the same decision sent twice is one review
+    with pytest.raises(ReviewConflict, match="version 1 was saved by ann"):
+        _save(factory, uid, "pneumonia", "no_pneumonia", 0, user="bob")
+    revised = _save(factory, uid, "pneumonia", "viral_pneumonia", 1, user="bob", flagged=True)
+    assert revised.version == 2 and revised.answers[0]["action"] == "corrected"
+    with factory() as s:
+        case = s.scalars(select(ReviewCase).where(ReviewCase.study_id == revised.study_id)).one()
+        assert case.status == "unreviewed"  # covid19 is not decided yet
+    _save(factory, uid, "covid19", "normal", 0)
+    with factory() as s:
+        case = s.scalars(select(ReviewCase).where(ReviewCase.study_id == revised.study_id)).one()
+        assert case.status == "flagged"
+        jobs = s.scalars(select(Job).where(Job.kind == VERIFY_REVIEW)).all()
+        assert sorted(j.payload["review_id"] for j in jobs) == sorted(s.scalars(select(Review.id)).all())
+        actions = s.scalars(select(AuditEvent.action).where(AuditEvent.action.like("decision.%"))).all()
+        assert sorted(actions) == ["decision.create", "decision.create", "decision.revise"]
+    with factory() as s:
+        reviewed = query_worklist(s, WorklistFilter(status="flagged"), band=BAND).rows
+        assert [r.study_instance_uid for r in reviewed] == [uid]
+
+
+@pytest.mark.parametrize(
+    ("label", "kw", "error"),
+    [
+        ("glaucoma", {}, "unknown label 'glaucoma'"),
+        (labels.NOT_ASSESSABLE, {}, "say why"),
+    ],
+)
+def test_bad_decisions_are_refused(
+    factory: sessionmaker[Session], seeded: dict[str, str], label: str, kw: dict[str, object], error: str
+) -> None:
+    _users(factory)
+    with pytest.raises(DecisionError, match=error):
+        _save(factory, seeded["negative"], "pneumonia", label, 0, **kw)
+    with factory() as s:
+        assert s.scalar(select(Review.id)) is None
+
+
+def test_not_assessable_with_reason_and_clinical_data(
+    factory: sessionmaker[Session], seeded: dict[str, str]
+) -> None:
+    _users(factory)
+    review = _save(
+        factory, seeded["unassessable"], "pneumonia", labels.NOT_ASSESSABLE, 0, reason="lateral view"
+    )
+    assert review.answers[0] == {
+        "sop_instance_uid": review.answers[0]["sop_instance_uid"],
+        "ai_label": "not_assessable",
+        "label": "not_assessable",
+        "action": "not assessable",
+        "reason": "lateral view",
+    }
+    clinical = ClinicalData(age=61, sex="F", laterality="R", intraocular_pressure=24.5, cup_to_disc_ratio=0.7)
+    review = _save(factory, seeded["fundus"], "glaucoma", "glaucoma", 0, clinical=clinical)
+    assert review.clinical == {
+        "age": 61,
+        "sex": "F",
+        "laterality": "R",
+        "intraocular_pressure": 24.5,
+        "cup_to_disc_ratio": 0.7,
+    }
+    with pytest.raises(ValueError):
+        ClinicalData(cup_to_disc_ratio=1.5)
+
+
+def test_reviews_are_append_only(factory: sessionmaker[Session], seeded: dict[str, str]) -> None:
+    _users(factory)
+    _save(factory, seeded["negative"], "pneumonia", "no_pneumonia", 0)
+    for statement in ("UPDATE review SET comment = 'changed'", "DELETE FROM review"):
+        with pytest.raises(DBAPIError, match="append-only"), transaction(factory) as s:
+            s.execute(text(statement))
+
+
+@pytest.mark.parametrize(
+    ("model", "findings", "expected"),
+    [
+        (
+            "pneumonia",
+            {"pneumonia": (0.9, True), "bacterial_pneumonia": (0.8, True), "viral_pneumonia": (0.3, False)},
+            "bacterial_pneumonia",
+        ),
+        (
+            "pneumonia",
+            {"pneumonia": (0.9, True), "bacterial_pneumonia": (0.4, False), "viral_pneumonia": (0.45, False)},
+            "viral_pneumonia",
+        ),
+        (
+            "pneumonia",
+            {"pneumonia": (0.2, False), "bacterial_pneumonia": (0.1, False), "viral_pneumonia": (0.1, False)},
+            "no_pneumonia",
+        ),
+        ("covid19", {"covid19": (0.1, False), "viral_pneumonia": (0.2, False)}, "normal"),
+        ("covid19", {"covid19": (0.7, True), "viral_pneumonia": (0.6, True)}, "covid19"),
+        ("glaucoma", {"glaucoma": (0.5, True)}, "glaucoma"),
+    ],
+)
+def test_ai_label(model: str, findings: dict[str, tuple[float, bool]], expected: str) -> None:
+    assert labels.ai_label(model, findings) == expected
+    meaning = labels.findings_of(model, expected, list(findings))
+    assert {f for f, present in meaning.items() if present} <= set(findings)

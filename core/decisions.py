@@ -241,14 +241,22 @@ def save_review(
 
 def changes(previous: Review | None, review: Review) -> list[str]:
     """What ``review`` changed against ``previous``, in words, for the case page's history."""
+    number = {a["sop_instance_uid"]: n for n, a in enumerate(review.answers, start=1)}
+    many = len(review.answers) > 1
+
+    def title(answer: dict[str, Any]) -> str:
+        where = f"image {number[answer['sop_instance_uid']]}: " if many else ""
+        return where + labels.label_title(review.model_name, answer["label"])
+
     if previous is None:
-        return [f"{a['action']}: {a['label']}" for a in review.answers]
+        return [f"{a['action']} {title(a)}" for a in review.answers]
     out = []
     before = {a["sop_instance_uid"]: a for a in previous.answers}
     for a in review.answers:
         old = before.get(a["sop_instance_uid"])
         if old is None or old["label"] != a["label"]:
-            out.append(f"{old['label'] if old else '-'} → {a['label']}")
+            was = labels.label_title(review.model_name, old["label"]) if old else "-"
+            out.append(f"{title(a)} (was {was})")
     if previous.comment != review.comment:
         out.append("comment changed")
     if previous.flagged != review.flagged:

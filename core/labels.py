@@ -42,6 +42,21 @@ LABEL_SETS: dict[str, tuple[Label, ...]] = {
 }
 
 
+#: (model, finding) -> the finding it refines: a subtype is reported (and can be uncertain) only where its
+#: parent is present (the pneumonia model's bacterial/viral outputs are conditional on pneumonia).
+REQUIRES: dict[tuple[str, str], str] = {
+    ("pneumonia", "bacterial_pneumonia"): "pneumonia",
+    ("pneumonia", "viral_pneumonia"): "pneumonia",
+}
+
+
+def counts(model: str, finding: str, present: set[str] | frozenset[str]) -> bool:
+    """Whether ``finding`` of ``model`` says anything on an image whose present findings are ``present``
+    (False for a subtype of an absent finding)."""
+    parent = REQUIRES.get((model, finding))
+    return parent is None or parent in present
+
+
 def labels_of(model: str, findings: list[str] | tuple[str, ...] = ()) -> tuple[Label, ...]:
     """The labels of ``model``; for a model without a set here (a plug-in), "none" or one of its findings."""
     known = LABEL_SETS.get(model)

@@ -328,6 +328,8 @@ class ReviewCase(Base):
     margin: Mapped[float | None] = mapped_column(Float)
     #: Some image was assessable by some model.
     assessable: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: The combinations of model, finding and AI label of its findings (core.worklist.case_tags).
+    tags: Mapped[str] = mapped_column(Text, default=",")
     #: unreviewed | reviewed (every current AI report has a review) | flagged (for a second reader)
     status: Mapped[str] = mapped_column(String(16), default="unreviewed")
     claimed_by_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id", ondelete="SET NULL"))

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core import labels
 from core.tables import (
     Instance,
     Prediction,
@@ -60,6 +61,9 @@ class WorklistRow:
     claimed_by: str | None
     claim_expires_at: datetime | None
     findings: list[dict[str, Any]]  # model, finding, label, probability, threshold, uncertain
+    #: per (model, image): model, image (number, None for a single image), label, title, positive,
+    #: probability (of the label's findings), uncertain
+    summary: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
             status="unreviewed",
             study_date=study.study_date or study.first_received_at.strftime("%Y%m%d"),
             received_at=study.first_received_at,
+            tags=",",
         )
         session.add(item)
         session.flush()
@@ -112,12 +117,9 @@ def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
     )
     session.query(ReviewFinding).filter(ReviewFinding.case_id == item.id).delete()
     margins: list[float] = []
+    present = _present_by_image(predictions)
     for p in predictions:
-        margin = (
-            abs(p.probability - p.threshold)
-            if p.assessable and p.probability is not None and p.threshold is not None
-            else None
-        )
+        margin = _margin(p, present)
         if margin is not None:
             margins.append(margin)
         session.add(
@@ -139,6 +141,7 @@ def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
     item.modality = modality
     item.study_date = study.study_date or study.first_received_at.strftime("%Y%m%d")
     item.received_at = study.first_received_at
+    item.tags = case_tags(predictions)
     item.ai_positive = any(p.assessable and p.label == "present" for p in predictions)
     item.margin = min(margins) if margins else None
     item.assessable = any(p.assessable for p in predictions)
@@ -156,6 +159,24 @@ def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
         item.status = "unreviewed"
     item.updated_at = utcnow()
     return item
+
+
+def _present_by_image(predictions: list[Prediction]) -> dict[tuple[str, int], set[str]]:
+    out: dict[tuple[str, int], set[str]] = {}
+    for p in predictions:
+        present = out.setdefault((p.model_name, p.instance_id), set())
+        if p.assessable and p.finding and p.label == "present":
+            present.add(p.finding)
+    return out
+
+
+def _margin(p: Prediction, present: dict[tuple[str, int], set[str]]) -> float | None:
+    """|probability - threshold| of a finding that counts (see core.labels.counts), else None."""
+    if not p.assessable or p.probability is None or p.threshold is None or not p.finding:
+        return None
+    if not labels.counts(p.model_name, p.finding, present.get((p.model_name, p.instance_id), set())):
+        return None
+    return abs(p.probability - p.threshold)
 
 
 def _status_expr(now: datetime) -> Any:
@@ -189,11 +210,53 @@ def _finding_conditions(f: WorklistFilter, band: float) -> list[ColumnElement[bo
     return conditions
 
 
+def _token(model: str | None, finding: str | None, label: str | None) -> str:
+    parts = [f"{k}={v}" for k, v in (("m", model), ("f", finding), ("l", label)) if v]
+    return "|".join(parts)
+
+
+def case_tags(predictions: list[Prediction]) -> str:
+    """Every combination of model, finding and AI label the case's findings have, as ",<token>,<token>,"
+    (token: "m=pneumonia|f=covid19|l=present", any part left out): a filter naming any of them is one
+    condition on the case row."""
+    tags = set()
+    for p in predictions:
+        finding = p.finding if p.assessable else None
+        label = p.label if p.assessable and p.finding else "not_assessable"
+        for model_part in (p.model_name, None):
+            for finding_part in (finding, None):
+                for label_part in (label, None):
+                    token = _token(model_part, finding_part, label_part)
+                    if token:
+                        tags.add(token)
+    return "," + ",".join(sorted(tags)) + ","
+
+
+def _single_finding_condition(f: WorklistFilter, band: float) -> ColumnElement[bool] | None:
+    """The model/finding/AI label filter as a condition on the case row alone; None when the findings must
+    be looked at one by one (uncertain together with a model or a finding: the band is a setting)."""
+    if f.ai_label == "uncertain":
+        return ReviewCase.margin <= band if not (f.model or f.finding) else None
+    token = _token(f.model, f.finding, f.ai_label)
+    return ReviewCase.tags.contains(f",{token},", autoescape=True)
+
+
+def _finding_level(f: WorklistFilter, band: float) -> ColumnElement[bool] | None:
+    """The model/finding/AI label filter as one condition on a case (None: no such filter)."""
+    finding_conditions = _finding_conditions(f, band)
+    if not finding_conditions:
+        return None
+    single = _single_finding_condition(f, band)
+    if single is not None:
+        return single
+    return exists().where(ReviewFinding.case_id == ReviewCase.id, *finding_conditions)
+
+
 def _case_conditions(f: WorklistFilter, band: float, now: datetime) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
-    finding_conditions = _finding_conditions(f, band)
-    if finding_conditions:
-        conditions.append(exists().where(ReviewFinding.case_id == ReviewCase.id, *finding_conditions))
+    finding_level = _finding_level(f, band)
+    if finding_level is not None:
+        conditions.append(finding_level)
     if f.status:
         conditions.append(_status_expr(now) == f.status)
     if f.assessable is not None:
@@ -230,7 +293,7 @@ def query_worklist(
         .limit(limit)
     ).all()
     total = session.scalar(select(func.count()).select_from(ReviewCase).where(*conditions)) or 0
-    findings = _findings_of(session, [r[0].id for r in rows], band)
+    findings, summary = _findings_of(session, [r[0].id for r in rows], band)
     claimers = _claimers(session, [r[0] for r in rows])
     page = [
         WorklistRow(
@@ -244,6 +307,7 @@ def query_worklist(
             claimed_by=claimers.get(item.claimed_by_id) if row_status == "in_review" else None,
             claim_expires_at=item.claim_expires_at if row_status == "in_review" else None,
             findings=findings.get(item.id, []),
+            summary=summary.get(item.id, []),
         )
         for item, uid, accession, row_status, row_priority in rows
     ]
@@ -278,63 +342,99 @@ def facet_counts(
             select(ReviewCase.assessable, func.count()).where(*without).group_by(ReviewCase.assessable)
         )
     }
-    # finding-level facets: the case filters plus the other finding conditions, counted per value
-    for facet, column in (("model", ReviewFinding.model_name), ("finding", ReviewFinding.finding)):
-        rest = replace(f, **{facet: None})
-        counts[facet] = {
-            str(value): n
-            for value, n in session.execute(
-                select(column, func.count(func.distinct(ReviewFinding.case_id)))
-                .join(ReviewCase, ReviewCase.id == ReviewFinding.case_id)
-                .where(*_case_conditions(replace(rest, model=None, finding=None, ai_label=None), band, now))
-                .where(*_finding_conditions(rest, band))
-                .where(column.is_not(None))
-                .group_by(column)
-            )
-        }
-    rest = replace(f, ai_label=None)
-    base = select(func.count(func.distinct(ReviewFinding.case_id))).join(
-        ReviewCase, ReviewCase.id == ReviewFinding.case_id
-    )
-    base = base.where(*_case_conditions(replace(rest, model=None, finding=None), band, now)).where(
-        *_finding_conditions(rest, band)
-    )
-    counts["ai_label"] = {
-        "present": session.scalar(base.where(ReviewFinding.label == "present")) or 0,
-        "absent": session.scalar(base.where(ReviewFinding.label == "absent")) or 0,
-        "uncertain": session.scalar(base.where(ReviewFinding.margin <= band)) or 0,
-        "not_assessable": session.scalar(base.where(ReviewFinding.finding.is_(None))) or 0,
-    }
+    counts.update(_finding_facets(session, f, band=band, now=now))
     return counts
 
 
-def _findings_of(session: Session, case_ids: list[int], band: float) -> dict[int, list[dict[str, Any]]]:
-    out: dict[int, list[dict[str, Any]]] = {}
-    if not case_ids:
+def _finding_facets(
+    session: Session, f: WorklistFilter, *, band: float, now: datetime
+) -> dict[str, dict[str, int]]:
+    """Cases per model, per finding and per AI label. Each value is counted as if chosen in place of that
+    facet's current value: one pass over the cases, each value a condition on the case row (or, combined
+    with another finding-level filter, on its findings)."""
+    pairs = session.execute(select(ReviewFinding.model_name, ReviewFinding.finding).distinct()).all()
+    values = {
+        "model": sorted({m for m, _ in pairs}),
+        "finding": sorted({x for _, x in pairs if x}),
+        "ai_label": list(AI_LABELS),
+    }
+    columns, keys = [], []
+    for facet, names in values.items():
+        for name in names:
+            chosen: dict[str, Any] = {facet: name}
+            condition = _finding_level(replace(f, **chosen), band)
+            assert condition is not None
+            columns.append(func.sum(case((condition, 1), else_=0)))
+            keys.append((facet, name))
+    out: dict[str, dict[str, int]] = {facet: {} for facet in values}
+    if not columns:
         return out
+    where = _case_conditions(replace(f, model=None, finding=None, ai_label=None), band, now)
+    row = session.execute(select(*columns).select_from(ReviewCase).where(*where)).one()
+    for (facet, name), n in zip(keys, row, strict=True):
+        if n:
+            out[facet][name] = int(n)
+    return out
+
+
+def _findings_of(
+    session: Session, case_ids: list[int], band: float
+) -> tuple[dict[int, list[dict[str, Any]]], dict[int, list[dict[str, Any]]]]:
+    """Per case: its findings, and per (model, image) the label they amount to (what the worklist shows)."""
+    findings: dict[int, list[dict[str, Any]]] = {}
+    summary: dict[int, list[dict[str, Any]]] = {}
+    if not case_ids:
+        return findings, summary
     rows = session.execute(
-        select(ReviewFinding.case_id, Prediction)
+        select(ReviewFinding.case_id, ReviewFinding.margin, Prediction)
         .join(Prediction, Prediction.id == ReviewFinding.prediction_id)
         .where(ReviewFinding.case_id.in_(case_ids))
         .order_by(ReviewFinding.id)
     ).all()
-    for case_id, p in rows:
-        out.setdefault(case_id, []).append(
+    groups: dict[tuple[int, str, int], list[tuple[Prediction, bool]]] = {}
+    for case_id, margin, p in rows:
+        uncertain = margin is not None and margin <= band
+        findings.setdefault(case_id, []).append(
             {
                 "model": p.model_name,
                 "finding": p.finding if p.assessable else None,
                 "label": p.label if p.assessable else "not_assessable",
                 "probability": p.probability,
                 "threshold": p.threshold,
-                "uncertain": bool(
-                    p.assessable
-                    and p.probability is not None
-                    and p.threshold is not None
-                    and abs(p.probability - p.threshold) <= band
-                ),
+                "uncertain": uncertain,
             }
         )
-    return out
+        groups.setdefault((case_id, p.model_name, p.instance_id), []).append((p, uncertain))
+    images: dict[int, list[int]] = {}
+    for (case_id, model, instance_id), members in groups.items():
+        numbers = images.setdefault(case_id, [])
+        if instance_id not in numbers:
+            numbers.append(instance_id)
+        assessable = all(p.assessable for p, _ in members)
+        probabilities = {
+            str(p.finding): (float(p.probability or 0.0), p.label == "present")
+            for p, _ in members
+            if p.finding
+        }
+        key = labels.ai_label(model, probabilities) if assessable else labels.NOT_ASSESSABLE
+        chosen = [lab for lab in labels.labels_of(model, tuple(probabilities)) if lab.key == key]
+        named = chosen[0].present if chosen else frozenset()
+        summary.setdefault(case_id, []).append(
+            {
+                "model": model,
+                "image": numbers.index(instance_id) + 1,
+                "label": key,
+                "title": labels.label_title(model, key, tuple(probabilities)),
+                "positive": bool(named),
+                "probability": max((probabilities[f][0] for f in named), default=None),
+                "uncertain": any(u for _, u in members),
+            }
+        )
+    for case_id, items in summary.items():
+        if len(images[case_id]) == 1:
+            for item in items:
+                item["image"] = None
+    return findings, summary
 
 
 def _claimers(session: Session, cases: list[ReviewCase]) -> dict[int, str]:

@@ -21,8 +21,10 @@ from tests import factories as f
 from tests.accounts import add_user, bearer, database_url
 from tests.peers import free_port, gateway_serve, send_file, storescp, wait_for
 
-#: A patient name that must render as text.
-XSS_NAME = '<script>window.pwned=1</script>"><img src=x onerror="window.pwned=2">'
+#: A patient name and a study description that must render as text (no "=" in the name: in a PN it starts
+#: the ideographic component group).
+XSS_NAME = "<script>window.pwned++</script>"
+XSS_DESCRIPTION = '"><img src=x onerror="window.pwned=2"><b>bold</b> chest'
 VIEWER_TEMPLATE = "https://viewer.example/ohif/viewer?StudyInstanceUIDs={study_uid}"
 
 
@@ -38,10 +40,17 @@ class Site:
     db: str
 
     def get(self, path: str, headers: dict[str, str] | None = None, **params: Any) -> httpx.Response:
-        return httpx.get(self.url + path, headers=headers or self.radiologist, params=params, timeout=30)
+        return httpx.get(
+            self.url + path,
+            headers=self.radiologist if headers is None else headers,
+            params=params,
+            timeout=30,
+        )
 
     def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, headers=headers or self.radiologist, timeout=30)
+        return httpx.post(
+            self.url + path, json=body, headers=self.radiologist if headers is None else headers, timeout=30
+        )
 
     def pacs_objects(self) -> dict[str, pydicom.Dataset]:
         """What the PACS stored, by SOP Instance UID (files still being written are skipped)."""
@@ -62,7 +71,7 @@ def _write_studies(folder: Path) -> dict[str, list[Path]]:
     uid = generate_uid()
     ds = f.chest_radiograph(study_uid=uid, series_uid=generate_uid())
     ds.PatientName = XSS_NAME
-    ds.StudyDescription = "<b>bold</b> chest"
+    ds.StudyDescription = XSS_DESCRIPTION
     ds.AccessionNumber = "ACC-XSS"
     ds.StudyDate = "20240105"
     out["chest"] = [f.save(ds, folder / "chest.dcm")]

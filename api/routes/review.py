@@ -23,7 +23,7 @@ from api.pages import page
 from api.security import client_address, require
 from core import audit, labels, worklist
 from core.accounts import Principal
-from core.tables import ReviewCase, Study, User
+from core.tables import ReviewCase, Study, User, utcnow
 from core.worklist import WorklistFilter
 
 ReviewerDep = Annotated[Principal, Depends(require("review"))]
@@ -109,6 +109,18 @@ class FindingOut(BaseModel):
     uncertain: bool
 
 
+class SummaryOut(BaseModel):
+    """What one model said about one image, as a label."""
+
+    model: str
+    image: int | None = Field(description="image number when the study has several")
+    label: str
+    title: str
+    positive: bool
+    probability: float | None
+    uncertain: bool
+
+
 class WorklistItemOut(BaseModel):
     study_instance_uid: str
     accession_number: str | None
@@ -120,6 +132,7 @@ class WorklistItemOut(BaseModel):
     claimed_by: str | None
     claim_expires_at: datetime | None
     findings: list[FindingOut]
+    summary: list[SummaryOut]
     url: str
 
 
@@ -145,8 +158,9 @@ def _worklist(request: Request, session: Session, q: WorklistQuery) -> WorklistO
         counts=result.counts,
         items=[
             WorklistItemOut(
-                **{k: v for k, v in row.__dict__.items() if k != "findings"},
+                **{k: v for k, v in row.__dict__.items() if k not in ("findings", "summary")},
                 findings=[FindingOut(**f) for f in row.findings],
+                summary=[SummaryOut(**s) for s in row.summary],
                 url=f"/cases/{row.study_instance_uid}{suffix}",
             )
             for row in result.rows
@@ -195,13 +209,15 @@ def _case_or_404(request: Request, session: Session, study_uid: str) -> CaseView
     return view
 
 
-def _open(request: Request, session: Session, principal: Principal, study_uid: str) -> CaseView:
-    """The case, claimed for ``principal`` when nobody else holds it, with the view audited."""
+def _open(
+    request: Request, session: Session, principal: Principal, study_uid: str, *, claim: bool
+) -> CaseView:
+    """The case, with the view audited; with ``claim``, claimed for ``principal`` when nobody else holds it
+    (the page claims it; the JSON twin only reads, so a script polling a case keeps nobody out)."""
     view = _case_or_404(request, session, study_uid)
     minutes = request.app.state.settings.review.claim_minutes
-    if worklist.claim(session, view.case.id, principal.user_id, minutes=minutes):
+    if claim and worklist.claim(session, view.case.id, principal.user_id, minutes=minutes):
         session.refresh(view.case)
-        view.claimed_by = None
     audit.record(
         session,
         actor=principal.actor,
@@ -210,7 +226,8 @@ def _open(request: Request, session: Session, principal: Principal, study_uid: s
         client=client_address(request),
     )
     session.commit()
-    if view.case.claimed_by_id == principal.user_id:
+    expires = view.case.claim_expires_at
+    if view.case.claimed_by_id == principal.user_id or expires is None or expires <= utcnow():
         view.claimed_by = None
     else:
         holder = session.get(User, view.case.claimed_by_id) if view.case.claimed_by_id else None
@@ -300,8 +317,9 @@ def _case_out(view: CaseView) -> CaseOut:
 
 @router.get("/api/cases/{study_uid}")
 def case_json(request: Request, session: SessionDep, principal: ReviewerDep, study_uid: str) -> CaseOut:
-    """One case: header, images, each model's findings and labels, the decisions so far. Claims the case."""
-    return _case_out(_open(request, session, principal, study_uid))
+    """One case: header, images, each model's findings and labels, the decisions so far (reading it does
+    not claim it: POST .../claim does)."""
+    return _case_out(_open(request, session, principal, study_uid, claim=False))
 
 
 @router.get("/cases/next", include_in_schema=False)
@@ -339,7 +357,7 @@ def next_case_page(
 def case_page(
     request: Request, session: SessionDep, principal: ReviewerDep, study_uid: str, q: WorklistQueryDep
 ) -> Response:
-    view = _open(request, session, principal, study_uid)
+    view = _open(request, session, principal, study_uid, claim=True)
     return _render_case(request, view, q)
 
 

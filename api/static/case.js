@@ -87,7 +87,6 @@
       }
     }
     cache[index] = entry;
-    applyWindow(entry);
     return entry;
   }
 
@@ -191,6 +190,9 @@
     document.querySelectorAll(".disc-only").forEach(function (el) { el.hidden = !info.disc; });
     note.textContent = info.display_url ? "" : (info.note || "The image is being prepared: reload in a moment.");
     const entry = await prepare(index).catch(function (e) { note.textContent = e.message; return null; });
+    if (state.index !== index) return; // another image was chosen while this one loaded
+    // the window/level may have changed on another image since this one was rendered
+    if (entry) applyWindow(entry);
     document.querySelectorAll(".wl-only").forEach(function (el) { el.hidden = !(entry && entry.grey); });
     canvas.dataset.ready = entry ? "1" : "0";
     draw();

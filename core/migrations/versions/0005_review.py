@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("ai_positive", sa.Boolean(), nullable=False),
         sa.Column("margin", sa.Float(), nullable=True),
         sa.Column("assessable", sa.Boolean(), nullable=False),
+        sa.Column("tags", sa.Text(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("claimed_by_id", sa.Integer(), nullable=True),
         sa.Column("claim_expires_at", sa.DateTime(timezone=True), nullable=True),

@@ -34,6 +34,8 @@ users_app = typer.Typer(help="People who sign in: radiologists, data teams, admi
 app.add_typer(users_app, name="users")
 tokens_app = typer.Typer(help="API tokens for scripts (bearer tokens, stored hashed).", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
+worklist_app = typer.Typer(help="The radiologists' worklist.", no_args_is_help=True)
+app.add_typer(worklist_app, name="worklist")
 
 log = logging.getLogger("gateway")
 
@@ -316,6 +318,37 @@ def tokens_revoke(
     with _accounts_session() as session:
         revoke_token(session, prefix, actor="cli")
     typer.echo(f"token {prefix} revoked")
+
+
+@worklist_app.command("rebuild")
+def worklist_rebuild() -> None:
+    """Rebuild every study's worklist case from its AI reports and reviews, and queue the drawing of its
+    images (studies processed before the worklist existed; idempotent)."""
+    from sqlalchemy import select
+
+    from core.jobs import RENDER_STUDY, enqueue
+    from core.tables import Report, Study
+    from core.worklist import refresh_case
+
+    with _accounts_session() as session:
+        rows = session.execute(
+            select(Study.id, Study.study_instance_uid)
+            .where(Study.id.in_(select(Report.study_id)))
+            .order_by(Study.id)
+        ).all()
+        cases = 0
+        for study_id, uid in rows:
+            if refresh_case(session, study_id) is not None:
+                cases += 1
+                enqueue(
+                    session,
+                    kind=RENDER_STUDY,
+                    priority=150,
+                    payload={"study_instance_uid": uid},
+                    study_id=study_id,
+                    dedupe_key=f"render:{uid}",
+                )
+    typer.echo(f"{cases} cases on the worklist; their images are drawn by the workers")
 
 
 @app.command()

@@ -46,7 +46,11 @@ FILTERS = {
     "model=pneumonia": {"model": "pneumonia"},
     "ai_label=uncertain": {"ai_label": "uncertain"},
     "finding=covid19 + present": {"finding": "covid19", "ai_label": "present"},
-    "date range + modality": {"date_from": "2024-03-01", "date_to": "2024-05-31", "modality": "CR"},
+    "last 90 days + modality CR": {
+        "date_from": (utcnow() - timedelta(days=90)).date().isoformat(),
+        "date_to": utcnow().date().isoformat(),
+        "modality": "CR",
+    },
     "status=any, page 20": {"status": "any", "page": "20"},
 }
 
@@ -204,9 +208,8 @@ def bench_case(root: Path, repeat: int, browser: bool) -> None:
                         sizes = list(pool.map(lambda u: len(client.get(u).content), urls))
                         totals.append(time.perf_counter() - t)
                 print(f"  HTML                                   {_stats(htmls)}")
-                print(
-                    f"  HTML + image + {len(urls) - 1} heatmaps (parallel)   {_stats(totals)}  ({sum(sizes)} bytes)"
-                )
+                label = f"HTML + image + {len(urls) - 1} heatmaps (parallel)"
+                print(f"  {label:39s}{_stats(totals)}  ({sum(sizes)} bytes)")
             if browser:
                 _browser(base, env, study_uid, repeat)
 

@@ -194,7 +194,7 @@ def bench_case(root: Path, repeat: int, browser: bool) -> None:
                     return case if image["display_url"] and image["heatmaps"] else None
 
                 case = wait_for("the case drawn", ready, timeout=300)
-                image = case["images"][0]  # type: ignore[index]
+                image = case["images"][0]
                 urls = [image["display_url"], *image["heatmaps"].values()]
                 print(
                     f"case page, 2000 x 2000 CR ({image['width']} x {image['height']} shown), {repeat} runs"

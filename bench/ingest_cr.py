@@ -6,9 +6,10 @@ images, into a temp folder made at run time. Each sender is a thread that runs o
 per study (one association per study, as modalities send), the studies split round-robin among senders.
 
 Targets, each started fresh (empty data folder, removed afterwards) for every measurement:
-  gateway   `gateway serve` as users run it: a subprocess with its worker processes on, SQLite, default
-            settings but ports and data folder; the chest studies it completes meanwhile are processed by
-            the shipped models (their CPU is shown apart, as "workers")
+  gateway   `gateway serve` as users run it: a subprocess with its receiver and worker processes on,
+            SQLite, default settings but ports and data folder (measured once its receivers are ready); the
+            chest studies it completes meanwhile are processed by the shipped models (the CPU of its child
+            processes, receivers and workers, is shown apart)
   listener  the same with GATEWAY_WORKER__PROCESSES=0: the listener (and HTTP API) alone
   orthanc   Orthanc 1.10 (Debian), SQLite index, SyncStorageArea (fsync), no plugins
   bare      a bare pynetdicom SCP (pynetdicom's defaults: 16 KiB PDUs) in a subprocess with the same
@@ -154,7 +155,18 @@ def gateway(folder: Path, port: int, *, workers: int | None) -> Iterator[int]:
         env["GATEWAY_WORKER__PROCESSES"] = str(workers)
     with process([sys.executable, "-m", "gateway", "serve"], folder / "gateway.log", port, env) as pid:
         wait_port(http_port, 120)
+        wait_receivers(folder / "gateway.log", int(env.get("GATEWAY_DICOM__RECEIVER_PROCESSES", "2")))
         yield pid
+
+
+def wait_receivers(log: Path, count: int, timeout: float = 60) -> None:
+    """Until ``count`` receiver processes said they are ready (before that, the listener runs associations
+    itself: not what the benchmark measures)."""
+    deadline = time.monotonic() + timeout
+    while log.read_text(errors="replace").count(" ready") < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} receiver processes not ready within {timeout:g} s")
+        time.sleep(0.1)
 
 
 def orthanc(folder: Path, port: int) -> Iterator[int]:

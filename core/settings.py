@@ -63,6 +63,9 @@ class DicomSettings(BaseModel):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     maximum_associations: int = Field(16, ge=1, le=256)
+    #: Processes `gateway serve` runs admitted plain-TCP associations in (dicom_listener.receivers); 0: all
+    #: run in the listening process.
+    receiver_processes: int = Field(2, ge=0, le=64)
     #: DICOM TLS (PS3.15 B.1, TLS 1.2 or later) on this second port, besides the plain one; unset: no TLS.
     tls_port: int | None = Field(None, ge=0, le=65535)  # 0: any free port (tests)
     #: Our certificate (PEM, may hold the chain) and its unencrypted private key (PEM); needed with TLS_PORT.

@@ -23,8 +23,9 @@ from core.settings import DicomSettings, Settings
 from core.storage import TMP_PREFIX, Storage
 from dicom_listener.admission import Gate
 from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
+from dicom_listener.receivers import ReceiverPool
 from dicom_listener.tls import tls_context
-from dicom_listener.transport import GuardedServer, start_server
+from dicom_listener.transport import GuardedServer, HandedServer, handed_server, start_server
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +88,31 @@ def receive_into(storage: Storage) -> None:
     tempfile.template = TMP_PREFIX
 
 
-def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) -> Listener:
-    """Start listening in background threads; returns a handle whose ``shutdown()`` stops it.
-
-    Each C-STORE's dataset is written to a temp file as its P-DATA arrive (pynetdicom's
-    STORE_RECV_CHUNKED_DATASET, process-wide), never held in memory: a 7.5 MB CR costs no buffer copies,
-    eight senders at once no 60 MB of them, and accepting it is an fsync and a rename (:func:`receive_into`).
-    """
+def _handlers(config: Settings, storage: Storage, factory: sessionmaker[Session]) -> list[Any]:
+    """The association event handlers; each C-STORE's dataset is written to a temp file as its P-DATA arrive
+    (pynetdicom's STORE_RECV_CHUNKED_DATASET, process-wide), never held in memory: a 7.5 MB CR costs no
+    buffer copies, eight senders at once no 60 MB of them, and accepting it is an fsync and a rename
+    (:func:`receive_into`)."""
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-    settings = config.dicom
     studies = AssociationStudies()
-    handlers: list[Any] = [
+    return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [storage, factory, studies, config.ingest]),
         (evt.EVT_CONN_CLOSE, handle_closed, [factory, studies]),
     ]
+
+
+def serve(
+    config: Settings, storage: Storage, factory: sessionmaker[Session], pool: ReceiverPool | None = None
+) -> Listener:
+    """Start listening in background threads; returns a handle whose ``shutdown()`` stops it. With a
+    ``pool``, admitted plain-TCP associations run in its receiver processes
+    (:mod:`dicom_listener.receivers`)."""
+    settings = config.dicom
+    handlers = _handlers(config, storage, factory)
     ae = build_ae(settings)
     gate = Gate(settings)
-    server = start_server(ae, (settings.host, settings.port), gate, handlers)
+    server = start_server(ae, (settings.host, settings.port), gate, handlers, pool=pool)
     tls_server = None
     if settings.tls_port is not None:
         try:
@@ -127,3 +135,11 @@ def serve(config: Settings, storage: Storage, factory: sessionmaker[Session]) ->
         else "any AE",
     )
     return Listener(ae, server, tls_server)
+
+
+def receiver(config: Settings, storage: Storage, factory: sessionmaker[Session]) -> HandedServer:
+    """What a receiver process (``gateway receiver``) runs the associations handed to it with: the same AE,
+    handlers and guards as :func:`serve`'s."""
+    settings = config.dicom
+    handlers = _handlers(config, storage, factory)
+    return handed_server(build_ae(settings), (settings.host, settings.port), Gate(settings), handlers)

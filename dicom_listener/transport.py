@@ -53,6 +53,8 @@ from pynetdicom.utils import make_target
 
 from core.settings import DicomSettings
 from dicom_listener.admission import Gate, Ticket
+from dicom_listener.reactor import make_quiet
+from dicom_listener.receivers import ReceiverPool
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +224,17 @@ class GuardedRequestHandler(RequestHandler):
             _reject(sock, result=0x02, source=0x03, reason=0x02)  # transient, local limit exceeded
             return
         sock.settimeout(settings.network_timeout)  # pynetdicom's sends must not hang on a stalled peer
+        pool = self.server.pool
+        if pool is not None and self.server.ssl_context is None:  # TLS state cannot move to another process
+            handed = pool.hand_over(sock, ticket.host, int(self.client_address[1]), request)
+            if handed is not None:
+                sock.close()  # only this process's descriptor: the receiver has its own
+                handed.wait()
+                return
+        self.associate(request, ticket.host)
+
+    def associate(self, request: bytes, host: str) -> None:
+        """Run the association whose A-ASSOCIATE-RQ (read and admitted) is ``request``, until it ends."""
         self._replay = request
         assoc = self._create_association()
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -229,9 +242,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc.join()
         _remove_partial_dataset(assoc)
         if assoc.dul.is_alive():  # the association thread died (e.g. a handler raised BaseException)
-            log.error(
-                "association from %s (%s) ended abnormally; closing its connection", ticket.host, calling
-            )
+            log.error("association from %s ended abnormally; closing its connection", host)
             assoc.dul.kill_dul()
 
     def _create_association(self) -> Association:
@@ -242,6 +253,7 @@ class GuardedRequestHandler(RequestHandler):
         sock.__class__ = PduGuardSocket
         assert isinstance(sock, PduGuardSocket)
         sock.guard(self._replay, self.server.gate.settings)
+        make_quiet(assoc)
         return assoc
 
 
@@ -262,8 +274,11 @@ class GuardedServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         gate: Gate,
+        pool: ReceiverPool | None = None,
     ) -> None:
         self.gate = gate
+        #: Receiver processes that run plain-TCP associations once admitted (None: all run here).
+        self.pool = pool
         self._tickets: dict[socket.socket, Ticket] = {}
         self._tickets_lock = threading.Lock()
         super().__init__(
@@ -315,12 +330,42 @@ class GuardedServer(ThreadedAssociationServer):
         log.exception("DICOM connection from %s failed", client_address)
 
 
+class HandedServer(GuardedServer):
+    """A receiver process's stand-in for the listening server (:mod:`dicom_listener.receivers`): it never
+    binds or accepts; it gives the associations the parent hands over what pynetdicom takes from a server
+    (AE title, contexts, event handlers, the local address, ``shutdown_request``)."""
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def associate(self, conn: socket.socket, address: tuple[str, int], request: bytes) -> None:
+        handler = GuardedRequestHandler.__new__(GuardedRequestHandler)
+        handler.request, handler.client_address, handler.server = conn, address, self
+        handler.associate(request, address[0])
+
+
+def handed_server(ae: AE, address: tuple[str, int], gate: Gate, evt_handlers: list[Any]) -> HandedServer:
+    server = ae.make_server(
+        address,
+        contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
+        evt_handlers=evt_handlers,
+        server_class=HandedServer,
+        gate=gate,
+    )
+    assert isinstance(server, HandedServer)
+    return server
+
+
 def start_server(
     ae: AE,
     address: tuple[str, int],
     gate: Gate,
     evt_handlers: list[Any],
     ssl_context: ssl.SSLContext | None = None,
+    pool: ReceiverPool | None = None,
 ) -> GuardedServer:
     """``ae.start_server(address, block=False, ...)`` with the gate in front; ``shutdown()`` stops it."""
     server = ae.make_server(
@@ -330,6 +375,7 @@ def start_server(
         evt_handlers=evt_handlers,
         server_class=GuardedServer,
         gate=gate,
+        pool=pool,
     )
     assert isinstance(server, GuardedServer)
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")

@@ -47,7 +47,9 @@ def _settings() -> Settings:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=settings.log_level,
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     # pynetdicom's INFO lines describe every association; its DEBUG would dump datasets (patient data).
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
@@ -76,15 +78,17 @@ def serve(
 
     from api.main import create_app
     from core.heartbeat import remove_heartbeats
+    from dicom_listener.receivers import ReceiverPool
     from dicom_listener.server import receive_into
     from dicom_listener.server import serve as serve_dicom
-    from gateway.supervisor import Supervisor, worker_command
+    from gateway.supervisor import Supervisor, receiver_command, worker_command
 
     settings = _settings()
     rt = _runtime(settings, migrate=migrate)
     receive_into(rt.storage)
+    pool = ReceiverPool() if settings.dicom.receiver_processes else None
     try:
-        listener = serve_dicom(settings, rt.storage, rt.factory)
+        listener = serve_dicom(settings, rt.storage, rt.factory, pool)
     except SettingsError as exc:  # a TLS certificate or key that does not load
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -97,10 +101,17 @@ def serve(
         remove_heartbeats(rt.factory, host=host, pid=pid)
 
     workers = Supervisor(worker_command(os.getpid()), settings.worker.processes, on_exit=forget_worker)
+    receivers = Supervisor(
+        receiver_command(os.getpid()),
+        settings.dicom.receiver_processes,
+        channel=pool.channel if pool is not None else None,
+        kind="receiver",
+    )
     # uvicorn hands SIGTERM/SIGINT back to the handler it found once it has stopped; this one unwinds through
     # the finally below, so the workers are stopped in order instead of dying with serve.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_on_signal)
+    receivers.start()
     workers.start()
     config = uvicorn.Config(
         create_app(rt.factory, settings),
@@ -113,6 +124,7 @@ def serve(
         uvicorn.Server(config).run()
     finally:
         listener.shutdown()
+        receivers.stop()
         workers.stop()
         rt.close()
 
@@ -120,6 +132,32 @@ def serve(
 def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
     log.info("%s: stopping", signal.Signals(signum).name)
     raise SystemExit(0)
+
+
+@app.command(hidden=True)
+def receiver(
+    parent_pid: Annotated[int, typer.Option(help="The `gateway serve` process: exit when it is gone.")],
+    control_fd: Annotated[int, typer.Option(help="The inherited channel to the listening process.")],
+) -> None:
+    """Run the DICOM associations `gateway serve` hands over (one of GATEWAY_DICOM__RECEIVER_PROCESSES)."""
+    from dicom_listener.receivers import run_receiver
+    from dicom_listener.server import receive_into
+    from dicom_listener.server import receiver as build_receiver
+    from gateway.supervisor import die_with_parent
+
+    settings = _settings()
+    die_with_parent(parent_pid)
+    control = socket.socket(fileno=control_fd)
+    rt = _runtime(settings, migrate=False, ingests=False)  # the temp files of its siblings are in flight
+    receive_into(rt.storage)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        server = build_receiver(settings, rt.storage, rt.factory)
+        run_receiver(control, server, network_timeout=settings.dicom.network_timeout)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rt.close()
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`gateway serve`'s worker processes: started, watched, restarted when they die, stopped with serve.
+"""`gateway serve`'s child processes (workers, DICOM receivers): started, watched, restarted when they die,
+stopped with serve.
 
 A worker killed by the OOM killer, by its own memory limit or by a crash inside a codec takes only itself
 down: the DICOM listener and the HTTP API live in the parent. The child side (:func:`die_with_parent`,
@@ -12,6 +13,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +37,12 @@ _PR_SET_PDEATHSIG = 1
 def worker_command(parent_pid: int) -> list[str]:
     """The command line of one supervised worker: this interpreter running ``gateway worker``."""
     return [sys.executable, "-m", "gateway", "worker", "--parent-pid", str(parent_pid)]
+
+
+def receiver_command(parent_pid: int) -> list[str]:
+    """The command line of one supervised DICOM receiver (``gateway receiver``; the supervisor adds its
+    ``--control-fd``)."""
+    return [sys.executable, "-m", "gateway", "receiver", "--parent-pid", str(parent_pid)]
 
 
 def restart_delay(failures: int, *, base: float, cap: float) -> float:
@@ -64,7 +72,9 @@ class Supervisor:
     """Keeps ``count`` copies of ``command`` running. A child that exits is logged (exit code or signal),
     ``on_exit(pid)`` is called (to clear what it left behind), and it is restarted: at once if it had
     lived ``stable_seconds``, else after a delay doubling from ``base_delay`` to ``cap_delay``.
-    :meth:`stop` sends SIGTERM, then SIGKILL after ``grace`` seconds.
+    :meth:`stop` sends SIGTERM, then SIGKILL after ``grace`` seconds. ``channel(slot)``, when given, makes a
+    socket for each process started in ``slot``: the child inherits it as ``--control-fd N`` (the parent keeps
+    the other end; see :class:`dicom_listener.receivers.ReceiverPool`). ``kind`` names the children in logs.
 
     One thread starts, watches and stops the children, and lives until they are gone: a child's
     PR_SET_PDEATHSIG fires when the thread that started it ends, not only the process.
@@ -76,19 +86,23 @@ class Supervisor:
         count: int,
         *,
         on_exit: Callable[[int], None] | None = None,
+        channel: Callable[[int], socket.socket] | None = None,
+        kind: str = "worker",
         stable_seconds: float = STABLE_SECONDS,
         base_delay: float = RESTART_BASE_SECONDS,
         cap_delay: float = RESTART_CAP_SECONDS,
         grace: float = STOP_GRACE_SECONDS,
     ) -> None:
         self._command = list(command)
+        self._channel = channel
+        self._kind = kind
         self._children = [_Child(slot) for slot in range(count)]
         self._on_exit = on_exit
         self._stable = stable_seconds
         self._base, self._cap = base_delay, cap_delay
         self._grace = grace
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"{kind}-supervisor", daemon=True)
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -121,20 +135,32 @@ class Supervisor:
             self._stop_children()
 
     def _spawn(self, child: _Child) -> None:
+        theirs: socket.socket | None = None
         try:
+            command, fds = self._command, tuple[int, ...]()
+            if self._channel is not None:
+                theirs = self._channel(child.slot)
+                command, fds = [*command, "--control-fd", str(theirs.fileno())], (theirs.fileno(),)
             # Own session: a Ctrl-C at the terminal reaches serve, which stops the children in order.
-            proc = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=fds)
         except OSError as exc:  # fork or exec failed (out of memory, interpreter gone)
             child.failures += 1
             delay = restart_delay(child.failures, base=self._base, cap=self._cap)
             child.restart_at = time.monotonic() + delay
             log.error(
-                "worker slot %d: cannot start a process (%s); trying again in %.1f s", child.slot, exc, delay
+                "%s slot %d: cannot start a process (%s); trying again in %.1f s",
+                self._kind,
+                child.slot,
+                exc,
+                delay,
             )
             return
+        finally:
+            if theirs is not None:
+                theirs.close()  # the child has its own copy
         with self._lock:
             child.proc, child.started = proc, time.monotonic()
-        log.info("worker slot %d: process %d started", child.slot, proc.pid)
+        log.info("%s slot %d: process %d started", self._kind, child.slot, proc.pid)
 
     def _exited(self, child: _Child, now: float) -> None:
         assert child.proc is not None
@@ -145,7 +171,8 @@ class Supervisor:
         delay = restart_delay(child.failures, base=self._base, cap=self._cap)
         child.restart_at = now + delay
         log.error(
-            "worker slot %d: process %d %s after %.1f s; restarting it in %.1f s",
+            "%s slot %d: process %d %s after %.1f s; restarting it in %.1f s",
+            self._kind,
             child.slot,
             pid,
             describe_exit(code),
@@ -165,10 +192,12 @@ class Supervisor:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker process %d ignored SIGTERM for %g s: killing it", proc.pid, self._grace)
+                log.warning(
+                    "%s process %d ignored SIGTERM for %g s: killing it", self._kind, proc.pid, self._grace
+                )
                 proc.kill()
                 proc.wait()
-            log.info("worker process %d stopped (%s)", proc.pid, describe_exit(proc.returncode))
+            log.info("%s process %d stopped (%s)", self._kind, proc.pid, describe_exit(proc.returncode))
             self._cleanup(proc.pid)
         with self._lock:
             for child in self._children:
@@ -180,7 +209,7 @@ class Supervisor:
         try:
             self._on_exit(pid)
         except Exception:
-            log.warning("cleaning up after worker process %d failed", pid, exc_info=True)
+            log.warning("cleaning up after %s process %d failed", self._kind, pid, exc_info=True)
 
 
 def die_with_parent(parent_pid: int, *, poll_seconds: float = 1.0) -> None:
@@ -198,11 +227,11 @@ def die_with_parent(parent_pid: int, *, poll_seconds: float = 1.0) -> None:
     def watch() -> None:
         while not orphaned():
             time.sleep(poll_seconds)
-        log.error("parent process %d is gone: worker process %d exits", parent_pid, os.getpid())
+        log.error("parent process %d is gone: process %d exits", parent_pid, os.getpid())
         os._exit(1)
 
     if orphaned():
-        log.error("parent process %d is gone: worker process %d exits", parent_pid, os.getpid())
+        log.error("parent process %d is gone: process %d exits", parent_pid, os.getpid())
         os._exit(1)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 

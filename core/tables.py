@@ -328,7 +328,8 @@ class ReviewCase(Base):
     margin: Mapped[float | None] = mapped_column(Float)
     #: Some image was assessable by some model.
     assessable: Mapped[bool] = mapped_column(Boolean, default=True)
-    #: The combinations of model, finding and AI label of its findings (core.worklist.case_tags).
+    #: The combinations of model, finding and AI label of its findings, as ",<id>,<id>," of their review_tag
+    #: rows (core.worklist.case_tokens): a filter naming one is one short substring test on this row.
     tags: Mapped[str] = mapped_column(Text, default=",")
     #: unreviewed | reviewed (every current AI report has a review) | flagged (for a second reader)
     status: Mapped[str] = mapped_column(String(16), default="unreviewed")
@@ -340,6 +341,17 @@ class ReviewCase(Base):
     claimed_by: Mapped[User | None] = relationship()
 
     __table_args__ = (Index("ix_review_case_order", "status", "received_at", "id"),)
+
+
+class ReviewTag(Base):
+    """A token of the worklist's tags ("m=pneumonia|f=covid19|l=present") and the number cases store for it:
+    numbers keep ``review_case.tags`` about 5 times shorter than the tokens, and the facet counts, which
+    test every case for each filter value, as much faster."""
+
+    __tablename__ = "review_tag"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token: Mapped[str] = mapped_column(String(255), unique=True)
 
 
 class ReviewFinding(Base):

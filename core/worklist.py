@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, distinct, exists, false, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core import labels
@@ -24,6 +25,7 @@ from core.tables import (
     Review,
     ReviewCase,
     ReviewFinding,
+    ReviewTag,
     Series,
     Study,
     User,
@@ -141,7 +143,7 @@ def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
     item.modality = modality
     item.study_date = study.study_date or study.first_received_at.strftime("%Y%m%d")
     item.received_at = study.first_received_at
-    item.tags = case_tags(predictions)
+    item.tags = encode_tags(session, case_tokens(predictions))
     item.ai_positive = any(p.assessable and p.label == "present" for p in predictions)
     item.margin = min(margins) if margins else None
     item.assessable = any(p.assessable for p in predictions)
@@ -215,11 +217,11 @@ def _token(model: str | None, finding: str | None, label: str | None) -> str:
     return "|".join(parts)
 
 
-def case_tags(predictions: list[Prediction]) -> str:
-    """Every combination of model, finding and AI label the case's findings have, as ",<token>,<token>,"
-    (token: "m=pneumonia|f=covid19|l=present", any part left out): a filter naming any of them is one
-    condition on the case row."""
-    tags = set()
+def case_tokens(predictions: list[Prediction]) -> set[str]:
+    """Every combination of model, finding and AI label the case's findings have (token:
+    "m=pneumonia|f=covid19|l=present", any part left out): a filter naming any of them is one condition on
+    the case row."""
+    tokens = set()
     for p in predictions:
         finding = p.finding if p.assessable else None
         label = p.label if p.assessable and p.finding else "not_assessable"
@@ -228,33 +230,65 @@ def case_tags(predictions: list[Prediction]) -> str:
                 for label_part in (label, None):
                     token = _token(model_part, finding_part, label_part)
                     if token:
-                        tags.add(token)
-    return "," + ",".join(sorted(tags)) + ","
+                        tokens.add(token)
+    return tokens
 
 
-def _single_finding_condition(f: WorklistFilter, band: float) -> ColumnElement[bool] | None:
+def tag_ids(session: Session, tokens: set[str]) -> dict[str, int]:
+    """The review_tag numbers of ``tokens``, adding the new ones (concurrent writers add each once)."""
+    found = select(ReviewTag.token, ReviewTag.id).where(ReviewTag.token.in_(tokens))
+    known = dict(session.execute(found).tuples().all())
+    missing = sorted(tokens - known.keys())
+    if missing:
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(
+            insert(ReviewTag).values([{"token": t} for t in missing]).on_conflict_do_nothing(),
+        )
+        added = select(ReviewTag.token, ReviewTag.id).where(ReviewTag.token.in_(missing))
+        known.update(session.execute(added).tuples().all())
+    return known
+
+
+def encode_tags(session: Session, tokens: set[str]) -> str:
+    """``tokens`` as review_case.tags stores them: ",<id>,<id>," (sorted)."""
+    ids = sorted(tag_ids(session, tokens).values()) if tokens else []
+    return "," + "".join(f"{i}," for i in ids)
+
+
+class Tags:
+    """The tag dictionary, read once per worklist query: a token as a condition on the case row."""
+
+    def __init__(self, session: Session) -> None:
+        self._ids = dict(session.execute(select(ReviewTag.token, ReviewTag.id)).tuples().all())
+
+    def has(self, token: str) -> ColumnElement[bool]:
+        number = self._ids.get(token)
+        return false() if number is None else ReviewCase.tags.like(f"%,{number},%")
+
+
+def _single_finding_condition(f: WorklistFilter, band: float, tags: Tags) -> ColumnElement[bool] | None:
     """The model/finding/AI label filter as a condition on the case row alone; None when the findings must
     be looked at one by one (uncertain together with a model or a finding: the band is a setting)."""
     if f.ai_label == "uncertain":
         return ReviewCase.margin <= band if not (f.model or f.finding) else None
-    token = _token(f.model, f.finding, f.ai_label)
-    return ReviewCase.tags.contains(f",{token},", autoescape=True)
+    return tags.has(_token(f.model, f.finding, f.ai_label))
 
 
-def _finding_level(f: WorklistFilter, band: float) -> ColumnElement[bool] | None:
+def _finding_level(f: WorklistFilter, band: float, tags: Tags) -> ColumnElement[bool] | None:
     """The model/finding/AI label filter as one condition on a case (None: no such filter)."""
     finding_conditions = _finding_conditions(f, band)
     if not finding_conditions:
         return None
-    single = _single_finding_condition(f, band)
+    single = _single_finding_condition(f, band, tags)
     if single is not None:
         return single
     return exists().where(ReviewFinding.case_id == ReviewCase.id, *finding_conditions)
 
 
-def _case_conditions(f: WorklistFilter, band: float, now: datetime) -> list[ColumnElement[bool]]:
+def _case_conditions(f: WorklistFilter, band: float, now: datetime, tags: Tags) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
-    finding_level = _finding_level(f, band)
+    finding_level = _finding_level(f, band, tags)
     if finding_level is not None:
         conditions.append(finding_level)
     if f.status:
@@ -281,7 +315,8 @@ def query_worklist(
 ) -> WorklistPage:
     """One page of the worklist in priority order, its total and the counts per filter value."""
     now = now or utcnow()
-    conditions = _case_conditions(f, band, now)
+    tags = Tags(session)
+    conditions = _case_conditions(f, band, now, tags)
     status = _status_expr(now)
     priority = _priority_expr(band)
     rows = session.execute(
@@ -311,69 +346,91 @@ def query_worklist(
         )
         for item, uid, accession, row_status, row_priority in rows
     ]
-    return WorklistPage(page, total, facet_counts(session, f, band=band, now=now))
+    return WorklistPage(page, total, facet_counts(session, f, band=band, now=now, tags=tags))
 
 
 def facet_counts(
-    session: Session, f: WorklistFilter, *, band: float, now: datetime
+    session: Session, f: WorklistFilter, *, band: float, now: datetime, tags: Tags | None = None
 ) -> dict[str, dict[str, int]]:
     """Cases per value of each filter, with the other filters applied (what choosing that value would
     show)."""
     status = _status_expr(now)
+    tags = tags or Tags(session)
     counts: dict[str, dict[str, int]] = {}
-    without = _case_conditions(replace(f, status=None), band, now)
+    without = _case_conditions(replace(f, status=None), band, now, tags)
     counts["status"] = {
         str(value): n
         for value, n in session.execute(
             select(status, func.count()).select_from(ReviewCase).where(*without).group_by(status)
         )
     }
-    without = _case_conditions(replace(f, modality=None), band, now)
+    without = _case_conditions(replace(f, modality=None), band, now, tags)
     counts["modality"] = {
         str(value or ""): n
         for value, n in session.execute(
             select(ReviewCase.modality, func.count()).where(*without).group_by(ReviewCase.modality)
         )
     }
-    without = _case_conditions(replace(f, assessable=None), band, now)
+    without = _case_conditions(replace(f, assessable=None), band, now, tags)
     counts["assessable"] = {
         ("yes" if value else "no"): n
         for value, n in session.execute(
             select(ReviewCase.assessable, func.count()).where(*without).group_by(ReviewCase.assessable)
         )
     }
-    counts.update(_finding_facets(session, f, band=band, now=now))
+    counts.update(_finding_facets(session, f, band=band, now=now, tags=tags))
     return counts
 
 
 def _finding_facets(
-    session: Session, f: WorklistFilter, *, band: float, now: datetime
+    session: Session, f: WorklistFilter, *, band: float, now: datetime, tags: Tags
 ) -> dict[str, dict[str, int]]:
     """Cases per model, per finding and per AI label. Each value is counted as if chosen in place of that
-    facet's current value: one pass over the cases, each value a condition on the case row (or, combined
-    with another finding-level filter, on its findings)."""
+    facet's current value: one pass over the cases, each value a condition on the case row. Values that
+    combine "uncertain" with a model or a finding (the band is a setting, so no tag says it) are counted
+    from the uncertain findings instead, grouped, one query per facet."""
     pairs = session.execute(select(ReviewFinding.model_name, ReviewFinding.finding).distinct()).all()
     values = {
         "model": sorted({m for m, _ in pairs}),
         "finding": sorted({x for _, x in pairs if x}),
         "ai_label": list(AI_LABELS),
     }
-    columns, keys = [], []
+    out: dict[str, dict[str, int]] = {facet: {} for facet in values}
+    where = _case_conditions(replace(f, model=None, finding=None, ai_label=None), band, now, tags)
+    columns, keys, grouped = [], [], set()
     for facet, names in values.items():
         for name in names:
-            chosen: dict[str, Any] = {facet: name}
-            condition = _finding_level(replace(f, **chosen), band)
-            assert condition is not None
+            chosen_value: dict[str, Any] = {facet: name}
+            chosen = replace(f, **chosen_value)
+            condition = _single_finding_condition(chosen, band, tags)
+            if condition is None:
+                grouped.add(facet)
+                continue
             columns.append(func.sum(case((condition, 1), else_=0)))
             keys.append((facet, name))
-    out: dict[str, dict[str, int]] = {facet: {} for facet in values}
-    if not columns:
-        return out
-    where = _case_conditions(replace(f, model=None, finding=None, ai_label=None), band, now)
-    row = session.execute(select(*columns).select_from(ReviewCase).where(*where)).one()
-    for (facet, name), n in zip(keys, row, strict=True):
-        if n:
-            out[facet][name] = int(n)
+    if columns:
+        row = session.execute(select(*columns).select_from(ReviewCase).where(*where)).one()
+        for (facet, name), n in zip(keys, row, strict=True):
+            if n:
+                out[facet][name] = int(n)
+    for facet in grouped:
+        by: Any = {"model": ReviewFinding.model_name, "finding": ReviewFinding.finding}.get(facet)
+        rest = replace(f, ai_label="uncertain")
+        if facet == "model":
+            rest = replace(rest, model=None)
+        elif facet == "finding":
+            rest = replace(rest, finding=None)
+        group = by if by is not None else literal("uncertain")
+        query = (
+            select(group, func.count(distinct(ReviewFinding.case_id)))
+            .join(ReviewCase, ReviewCase.id == ReviewFinding.case_id)
+            .where(*_finding_conditions(rest, band), ReviewCase.margin <= band, *where)
+        )
+        if by is not None:
+            query = query.group_by(by)
+        for name, n in session.execute(query):
+            if n and name is not None:
+                out[facet][str(name)] = int(n)
     return out
 
 
@@ -493,13 +550,14 @@ def next_case(
 ) -> str | None:
     """Claim the first case of the filter (priority order) nobody else holds; its Study Instance UID."""
     now = now or utcnow()
+    tags = Tags(session)
     if f.status == "unreviewed":  # cases this user holds count as theirs to take, not as in review
         conditions = [
-            *_case_conditions(replace(f, status=None), band, now),
+            *_case_conditions(replace(f, status=None), band, now, tags),
             ReviewCase.status == "unreviewed",
         ]
     else:
-        conditions = _case_conditions(f, band, now)
+        conditions = _case_conditions(f, band, now, tags)
     free = or_(
         ReviewCase.claimed_by_id.is_(None),
         ReviewCase.claimed_by_id == user_id,

@@ -7,16 +7,25 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import accounts, labels
-from core.db import transaction
+from core.db import make_engine, make_sessionmaker, transaction
 from core.decisions import Answer, ClinicalData, DecisionError, ReviewConflict, report_images, save_review
 from core.jobs import VERIFY_REVIEW
-from core.tables import AuditEvent, Job, Report, Review, ReviewCase, User, utcnow
-from core.worklist import WorklistFilter, claim, current_reports, next_case, query_worklist, release
+from core.migrate import upgrade
+from core.tables import AuditEvent, Job, Report, Review, ReviewCase, ReviewTag, Study, User, utcnow
+from core.worklist import (
+    WorklistFilter,
+    claim,
+    current_reports,
+    next_case,
+    query_worklist,
+    release,
+    tag_ids,
+)
 from tests.review_rows import add_study
 
 BAND = 0.1
@@ -288,3 +297,63 @@ def test_ai_label(model: str, findings: dict[str, tuple[float, bool]], expected:
     assert labels.ai_label(model, findings) == expected
     meaning = labels.findings_of(model, expected, list(findings))
     assert {f for f, present in meaning.items() if present} <= set(findings)
+
+
+def test_tags_are_numbers_of_review_tag_tokens(
+    factory: sessionmaker[Session], seeded: dict[str, str]
+) -> None:
+    with factory() as s:
+        tokens = dict(s.execute(select(ReviewTag.id, ReviewTag.token)).tuples().all())
+        case_tags = {
+            uid: tags
+            for uid, tags in s.execute(
+                select(Study.study_instance_uid, ReviewCase.tags).join(
+                    ReviewCase, ReviewCase.study_id == Study.id
+                )
+            )
+        }
+    positive = {tokens[int(n)] for n in case_tags[seeded["positive"]].strip(",").split(",")}
+    expected = {"m=pneumonia", "f=bacterial_pneumonia", "l=present", "m=pneumonia|f=pneumonia|l=present"}
+    assert expected <= positive
+    assert "m=glaucoma" not in positive
+    assert len(case_tags[seeded["positive"]]) < len(",".join(positive)) / 3
+    # Adding the same tokens again (a second writer) gives the same numbers and no new rows.
+    with transaction(factory) as s:
+        again = tag_ids(s, positive | {"m=new"})
+        assert again["m=new"] not in tokens and all(again[t] == n for n, t in tokens.items() if t in positive)
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(ReviewTag)) == len(tokens) + 1
+    # A token no case has is a filter nobody matches (not an error).
+    assert _uids(factory, WorklistFilter(model="nonexistent")) == []
+
+
+def test_migration_0006_numbers_existing_tags_and_back(database_url: str) -> None:
+    from alembic import command
+
+    from core.migrate import alembic_config
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    factory = make_sessionmaker(engine)
+    with transaction(factory) as s:
+        uid = add_study(s, models={"pneumonia": {"pneumonia": 0.95}, "covid19": {}}).study_instance_uid
+    cfg = alembic_config(database_url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    with engine.connect() as conn:
+        old = conn.execute(text("SELECT tags FROM review_case")).scalar_one()
+    assert ",m=pneumonia|f=pneumonia|l=present," in old and ",l=absent," in old
+    upgrade(engine)
+    with factory() as s:
+        new = s.execute(select(ReviewCase.tags)).scalar_one()
+        assert new.strip(",").replace(",", "").isdigit()
+        chosen = WorklistFilter(model="pneumonia", finding="pneumonia", ai_label="present")
+        page = query_worklist(s, chosen, band=BAND)
+        assert [r.study_instance_uid for r in page.rows] == [uid]
+        assert page.counts["model"] == {"pneumonia": 1}  # covid19 has no pneumonia finding
+        assert query_worklist(s, WorklistFilter(), band=BAND).counts["model"] == {
+            "pneumonia": 1,
+            "covid19": 1,
+        }
+    engine.dispose()

@@ -347,15 +347,16 @@ class HandedServer(GuardedServer):
         handler.associate(request, address[0])
 
 
+def _make_server(ae: AE, address: tuple[str, int], server_class: type[GuardedServer], **kw: Any) -> Any:
+    """``ae.make_server`` with the AE's contexts sharing their UIDs (see :class:`SharedSyntaxContext`)."""
+    contexts: list[PresentationContext] = [SharedSyntaxContext.of(cx) for cx in ae.supported_contexts]
+    server = ae.make_server(address, contexts=contexts, server_class=server_class, **kw)
+    assert isinstance(server, server_class)
+    return server
+
+
 def handed_server(ae: AE, address: tuple[str, int], gate: Gate, evt_handlers: list[Any]) -> HandedServer:
-    server = ae.make_server(
-        address,
-        contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
-        evt_handlers=evt_handlers,
-        server_class=HandedServer,
-        gate=gate,
-    )
-    assert isinstance(server, HandedServer)
+    server: HandedServer = _make_server(ae, address, HandedServer, evt_handlers=evt_handlers, gate=gate)
     return server
 
 
@@ -368,16 +369,9 @@ def start_server(
     pool: ReceiverPool | None = None,
 ) -> GuardedServer:
     """``ae.start_server(address, block=False, ...)`` with the gate in front; ``shutdown()`` stops it."""
-    server = ae.make_server(
-        address,
-        contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
-        ssl_context=ssl_context,
-        evt_handlers=evt_handlers,
-        server_class=GuardedServer,
-        gate=gate,
-        pool=pool,
+    server: GuardedServer = _make_server(
+        ae, address, GuardedServer, ssl_context=ssl_context, evt_handlers=evt_handlers, gate=gate, pool=pool
     )
-    assert isinstance(server, GuardedServer)
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(
         target=make_target(server.serve_forever), name=f"AcceptorServer@{timestamp}", daemon=True

@@ -4,7 +4,9 @@ conflicts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -357,3 +359,41 @@ def test_migration_0006_numbers_existing_tags_and_back(database_url: str) -> Non
             "covid19": 1,
         }
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "current",
+    [
+        WorklistFilter(),
+        WorklistFilter(status=None),
+        WorklistFilter(model="pneumonia"),
+        WorklistFilter(ai_label="uncertain"),
+        WorklistFilter(model="pneumonia", ai_label="uncertain"),
+        WorklistFilter(finding="pneumonia", ai_label="present", modality="DX"),
+        WorklistFilter(status=None, assessable=False),
+        WorklistFilter(status=None, date_from="20240201", date_to="20240630"),
+    ],
+)
+def test_every_count_is_what_choosing_that_value_shows(
+    factory: sessionmaker[Session], seeded: dict[str, str], current: WorklistFilter
+) -> None:
+    """Each facet count (one pass, grouped uncertain counts) equals the total of the worklist with that
+    value chosen in place of the facet's current one."""
+    with factory() as s:
+        counts = query_worklist(s, current, band=BAND).counts
+        for facet, chosen in counts.items():
+            for value, n in chosen.items():
+                typed: Any = value
+                if facet == "assessable":
+                    typed = value == "yes"
+                elif facet == "modality":
+                    typed = value or None
+                total = query_worklist(s, replace(current, **{facet: typed}), band=BAND).total
+                assert total == n, (facet, value)
+        # and no value with cases is missing
+        for model in ("pneumonia", "covid19", "glaucoma"):
+            total = query_worklist(s, replace(current, model=model), band=BAND).total
+            assert counts["model"].get(model, 0) == total, model
+        for status in ("unreviewed", "in_review", "reviewed", "flagged"):
+            total = query_worklist(s, replace(current, status=status), band=BAND).total
+            assert counts["status"].get(status, 0) == total, status

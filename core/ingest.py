@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.activity import record_ingest
 from core.db import read_session, transaction
 from core.encoding import EncodingError, EncodingLimitExceeded, decode_dataset, read_part10, walk
 from core.pixels import PIXEL_KEYWORDS, CodestreamMismatch, PixelDataError, check_decodable
@@ -202,6 +203,7 @@ def store_instance(
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientStorage(f"storage volume full: {exc.strerror}") from exc
         raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from exc
+    record_ingest(size)
     for attempt in (1, 2, 3):
         try:
             return _record(factory, meta, relative, size, source=source, calling_ae=calling_ae)

@@ -34,6 +34,10 @@ PULL_ORTHANC_STUDY = "pull_orthanc_study"
 VERIFY_REVIEW = "verify_review"
 #: The images, heatmaps and optic-disc positions the case page shows, drawn once per study.
 RENDER_STUDY = "render_study"
+#: The kinds that hold a worker's CPU for long (decoding, inference, drawing): held back while the host
+#: receives at full speed (GATEWAY_WORKER__INGEST_FIRST_*); the others always run.
+COMPUTE_KINDS = (PROCESS_STUDY, RENDER_STUDY)
+LIGHT_KINDS = (DELIVER, PULL_ORTHANC_STUDY, VERIFY_REVIEW)
 
 
 #: How long recording a job's outcome waits out a database outage before giving up (the job is then taken

@@ -201,6 +201,12 @@ class WorkerSettings(BaseModel):
     #: CPU priority (nice increment, 0-19) of each worker process: on a busy host the DICOM listener and
     #: the HTTP API run first, so modalities are acknowledged at full speed while inference catches up.
     nice: int = Field(10, ge=0, le=19)
+    #: While this host stores instances faster than this (MB/s over the last second: several modalities or
+    #: a PACS pushing at once), workers start no inference or rendering job, so the senders get the CPU and
+    #: are acknowledged at full speed; deliveries and verified reports still go. 0: never hold back.
+    ingest_first_mb_per_s: float = Field(32.0, ge=0)
+    #: A worker holds back at most this long, then works even while the ingest goes on.
+    ingest_first_max_seconds: float = Field(10.0, ge=0)
     #: How often a worker refreshes its worker_heartbeat row.
     heartbeat_seconds: float = Field(5.0, gt=0)
     #: /readyz counts a worker alive while its heartbeat is younger than this.
@@ -496,6 +502,11 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return self.data_dir / "storage"
+
+    @property
+    def ingest_rate_dir(self) -> Path:
+        """Where the receiving processes of this host count the bytes they store (core.activity)."""
+        return self.data_dir / "ingest-rate"
 
 
 class SettingsError(RuntimeError):

@@ -77,6 +77,7 @@ def serve(
     import uvicorn
 
     from api.main import create_app
+    from core.activity import clear_counters, count_ingest
     from core.heartbeat import remove_heartbeats
     from dicom_listener.receivers import ReceiverPool
     from dicom_listener.server import receive_into
@@ -86,6 +87,9 @@ def serve(
     settings = _settings()
     rt = _runtime(settings, migrate=migrate)
     receive_into(rt.storage)
+    clear_counters(settings.ingest_rate_dir)  # those of a previous run's processes
+    count_ingest(settings.ingest_rate_dir)
+    _settle_for_receiving()
     pool = ReceiverPool() if settings.dicom.receiver_processes else None
     try:
         listener = serve_dicom(settings, rt.storage, rt.factory, pool)
@@ -129,6 +133,20 @@ def serve(
         rt.close()
 
 
+def _settle_for_receiving() -> None:
+    """Cheaper C-STOREs in a long-lived receiving process: the ORM mappers are configured now instead of
+    in the first association, and the objects of start-up are moved out of the cyclic garbage collector's
+    reach (gc.freeze) with a higher first threshold, so the collector no longer walks them every few hundred
+    allocations of a 7.5 MB instance's path (measured: ~4 ms less CPU per CR instance, bench/ingest_cr.py)."""
+    import gc
+
+    from sqlalchemy.orm import configure_mappers
+
+    configure_mappers()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
     log.info("%s: stopping", signal.Signals(signum).name)
     raise SystemExit(0)
@@ -140,6 +158,7 @@ def receiver(
     control_fd: Annotated[int, typer.Option(help="The inherited channel to the listening process.")],
 ) -> None:
     """Run the DICOM associations `gateway serve` hands over (one of GATEWAY_DICOM__RECEIVER_PROCESSES)."""
+    from core.activity import count_ingest
     from dicom_listener.receivers import run_receiver
     from dicom_listener.server import receive_into
     from dicom_listener.server import receiver as build_receiver
@@ -150,6 +169,8 @@ def receiver(
     control = socket.socket(fileno=control_fd)
     rt = _runtime(settings, migrate=False, ingests=False)  # the temp files of its siblings are in flight
     receive_into(rt.storage)
+    count_ingest(settings.ingest_rate_dir)
+    _settle_for_receiving()
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         server = build_receiver(settings, rt.storage, rt.factory)

@@ -24,10 +24,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
+from core.activity import IngestRate
 from core.encoding import describe
 from core.heartbeat import record_heartbeat, remove_heartbeats
 from core.jobs import (
     DELIVER,
+    LIGHT_KINDS,
     PROCESS_STUDY,
     PULL_ORTHANC_STUDY,
     RENDER_STUDY,
@@ -223,6 +225,8 @@ class Worker:
         self.stop = threading.Event()
         self._next_reconcile = 0.0
         self._heartbeat = _Heartbeat(rt.factory, self.id, interval=rt.settings.worker.heartbeat_seconds)
+        self._ingest = IngestRate(rt.settings.ingest_rate_dir)
+        self._holding_since: float | None = None
         send_as_stored()  # reports go out as the bytes on disk, never parsed and re-encoded
 
     def run_once(self) -> bool:
@@ -234,6 +238,7 @@ class Worker:
             self.rt.factory,
             worker_id=self.id,
             lease_seconds=settings.worker.lease_seconds,
+            kinds=LIGHT_KINDS if self.holds_back() else None,
             max_takeovers=settings.worker.max_takeovers,
         )
         if job is None:
@@ -241,6 +246,29 @@ class Worker:
         with self._heartbeat.working_on(job.id):
             self._run(job)
         return True
+
+    def holds_back(self) -> bool:
+        """True while this host stores faster than GATEWAY_WORKER__INGEST_FIRST_MB_PER_S and this worker has
+        held back its compute jobs for less than GATEWAY_WORKER__INGEST_FIRST_MAX_SECONDS.
+
+        On a small host every CPU cycle a worker takes is one the receivers lack, whatever its nice value
+        (the cores are shared below the kernel's scheduler too): a burst of modalities is acknowledged
+        faster when inference waits for it, and the wait is bounded so results never starve.
+        """
+        cfg = self.rt.settings.worker
+        if cfg.ingest_first_mb_per_s <= 0 or cfg.ingest_first_max_seconds <= 0:
+            return False
+        now = time.monotonic()
+        rate = self._ingest.bytes_per_second(now)
+        if rate < cfg.ingest_first_mb_per_s * 1e6:
+            if self._holding_since is not None:
+                log.info("worker %s: ingest slowed down, compute jobs resume", self.id)
+            self._holding_since = None
+            return False
+        if self._holding_since is None:
+            self._holding_since = now
+            log.info("worker %s: ingest at %.0f MB/s, compute jobs wait for it", self.id, rate / 1e6)
+        return now - self._holding_since < cfg.ingest_first_max_seconds
 
     def _reconcile(self) -> None:
         """Every GATEWAY_ORTHANC__RECONCILE_SECONDS, queue the stable studies Orthanc's /changes lists."""

@@ -101,6 +101,14 @@ def test_parallel_senders_are_received_by_the_receiver_processes(gateway: Gatewa
     assert set(stored.values()) <= pids, "an association ran in the listening process"
     files = list((gateway.storage_dir / "instances").rglob("*.dcm"))
     assert len(files) == len(expected)
+    # Each receiver counted what it stored where the workers read the host's ingest rate (core.activity).
+    counters = {
+        int(p.stem): int.from_bytes(p.read_bytes(), "little")
+        for p in (Path(gateway.env["GATEWAY_DATA_DIR"]) / "ingest-rate").glob("*.bytes")
+    }
+    assert gateway.proc is not None
+    assert pids <= set(counters) <= pids | {gateway.proc.pid}
+    assert sum(counters.values()) == sum(f.stat().st_size for f in files)
 
 
 def test_a_killed_receiver_gives_its_slots_back_and_is_replaced(gateway: Gateway, tmp_path: Path) -> None:

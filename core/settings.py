@@ -205,8 +205,9 @@ class WorkerSettings(BaseModel):
     #: a PACS pushing at once), workers start no inference or rendering job, so the senders get the CPU and
     #: are acknowledged at full speed; deliveries and verified reports still go. 0: never hold back.
     ingest_first_mb_per_s: float = Field(32.0, ge=0)
-    #: A worker holds back at most this long, then works even while the ingest goes on.
-    ingest_first_max_seconds: float = Field(10.0, ge=0)
+    #: A worker holds back at most this long (a burst of a few hundred CR images, a CT series), then works
+    #: even while the ingest goes on, so results are late but never starved.
+    ingest_first_max_seconds: float = Field(60.0, ge=0)
     #: How often a worker refreshes its worker_heartbeat row.
     heartbeat_seconds: float = Field(5.0, gt=0)
     #: /readyz counts a worker alive while its heartbeat is younger than this.

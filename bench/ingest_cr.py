@@ -7,9 +7,11 @@ per study (one association per study, as modalities send), the studies split rou
 
 Targets, each started fresh (empty data folder, removed afterwards) for every measurement:
   gateway   `gateway serve` as users run it: a subprocess with its receiver and worker processes on,
-            SQLite, default settings but ports and data folder (measured once its receivers are ready); the
-            chest studies it completes meanwhile are processed by the shipped models (the CPU of its child
-            processes, receivers and workers, is shown apart)
+            SQLite, default settings but ports and data folder (measured once its receivers are ready and its
+            workers have started); the chest studies it completes meanwhile are processed by the shipped
+            models, after the burst (workers hold compute jobs back while the host receives faster than
+            GATEWAY_WORKER__INGEST_FIRST_MB_PER_S, for up to GATEWAY_WORKER__INGEST_FIRST_MAX_SECONDS); the
+            CPU of its child processes, receivers and workers, is shown apart
   listener  the same with GATEWAY_WORKER__PROCESSES=0: the listener (and HTTP API) alone
   orthanc   Orthanc 1.10 (Debian), SQLite index, SyncStorageArea (fsync), no plugins
   bare      a bare pynetdicom SCP (pynetdicom's defaults: 16 KiB PDUs) in a subprocess with the same
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -156,6 +159,7 @@ def gateway(folder: Path, port: int, *, workers: int | None) -> Iterator[int]:
     with process([sys.executable, "-m", "gateway", "serve"], folder / "gateway.log", port, env) as pid:
         wait_port(http_port, 120)
         wait_receivers(folder / "gateway.log", int(env.get("GATEWAY_DICOM__RECEIVER_PROCESSES", "2")))
+        wait_workers(folder / "gateway.log", int(env.get("GATEWAY_WORKER__PROCESSES", "2")))
         yield pid
 
 
@@ -167,6 +171,20 @@ def wait_receivers(log: Path, count: int, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{count} receiver processes not ready within {timeout:g} s")
         time.sleep(0.1)
+
+
+def wait_workers(log: Path, count: int, timeout: float = 60) -> None:
+    """Until ``count`` worker processes have started (imported their libraries: seconds of CPU that a
+    gateway running for a while has long spent), and a second more for their first polls."""
+    deadline = time.monotonic() + timeout
+    while (
+        len(re.findall(r"INFO gateway\.worker: worker \S+ started", log.read_text(errors="replace"))) < count
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} worker processes not started within {timeout:g} s")
+        time.sleep(0.1)
+    if count:
+        time.sleep(1.0)
 
 
 def orthanc(folder: Path, port: int) -> Iterator[int]:

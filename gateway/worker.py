@@ -59,6 +59,9 @@ HANDLERS: dict[str, Callable[[Runtime, ClaimedJob], None]] = {
     RENDER_STUDY: render_study,
 }
 
+#: How often a worker that holds back for the ingest looks again (and for a delivery to make).
+HOLDING_POLL_SECONDS = 0.5
+
 #: The heartbeat renews a lease every third of GATEWAY_WORKER__LEASE_SECONDS, but never more often than this.
 MIN_RENEW_SECONDS = 0.05
 
@@ -227,18 +230,21 @@ class Worker:
         self._heartbeat = _Heartbeat(rt.factory, self.id, interval=rt.settings.worker.heartbeat_seconds)
         self._ingest = IngestRate(rt.settings.ingest_rate_dir)
         self._holding_since: float | None = None
+        self._holding = False
         send_as_stored()  # reports go out as the bytes on disk, never parsed and re-encoded
 
     def run_once(self) -> bool:
         """One sweep and at most one job; True if a job ran."""
         settings = self.rt.settings
-        complete_studies(self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts)
+        holding = self._holding = self.holds_back()
+        if not holding:  # while holding back, the jobs it would queue could not run: no write to compete
+            complete_studies(self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts)
         self._reconcile()
         job = jobs.claim(
             self.rt.factory,
             worker_id=self.id,
             lease_seconds=settings.worker.lease_seconds,
-            kinds=LIGHT_KINDS if self.holds_back() else None,
+            kinds=LIGHT_KINDS if holding else None,
             max_takeovers=settings.worker.max_takeovers,
         )
         if job is None:
@@ -300,7 +306,10 @@ class Worker:
                 log.error("worker %s: sweep or claim failed: %s", self.id, describe(exc))
                 busy = False
             if not busy:
-                self.stop.wait(self.rt.settings.worker.poll_seconds)
+                poll = self.rt.settings.worker.poll_seconds
+                # holding back for the ingest: every poll is CPU the receivers lack, and nothing but a
+                # delivery could run meanwhile
+                self.stop.wait(max(poll, HOLDING_POLL_SECONDS) if self._holding else poll)
         log.info("worker %s stopped", self.id)
 
     def _run(self, job: ClaimedJob) -> None:

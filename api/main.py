@@ -19,7 +19,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from api import security
 from api.deps import SessionDep
 from api.pages import NOTICE, STATIC_DIR, page
-from api.routes import admin, auth, decisions, dicomweb, health, review, studies
+from api.routes import admin, auth, decisions, dicomweb, exports, health, review, studies
+from api.routes.exports import Exporter
 from api.security import Authenticated
 from core.settings import Settings
 from core.storage import Storage
@@ -29,7 +30,11 @@ from orthanc import webhook as orthanc_webhook
 PUBLIC_PATHS = ("/healthz", "/readyz", "/login", "/static")
 
 
-def create_app(session_factory: sessionmaker[Session], settings: Settings) -> FastAPI:
+def create_app(
+    session_factory: sessionmaker[Session], settings: Settings, *, exporter: Exporter | None = None
+) -> FastAPI:
+    """The HTTP API and pages; ``exporter`` makes label exports (the composition root's: it needs the
+    models' image reading); without it ``POST /api/exports`` answers 503."""
     # No Swagger UI (it loads scripts from a CDN and runs inline script); the schema is at /api/openapi.json.
     app = FastAPI(
         title="screening-gateway",
@@ -41,6 +46,7 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
     )
     app.state.session_factory = session_factory
     app.state.settings = settings
+    app.state.exporter = exporter
     app.state.storage = Storage(settings.storage_dir, reserve_bytes=settings.storage.reserve_bytes)
     # STOW-RS parses and stores in threads of its own, so uploads never take the other routes' threads.
     app.state.stow_limiter = anyio.CapacityLimiter(settings.http.stow_threads)
@@ -83,4 +89,5 @@ def create_app(session_factory: sessionmaker[Session], settings: Settings) -> Fa
     app.include_router(orthanc_webhook.router)
     app.include_router(dicomweb.router)
     app.include_router(health.router)
+    app.include_router(exports.router)
     return app

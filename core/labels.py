@@ -42,6 +42,28 @@ LABEL_SETS: dict[str, tuple[Label, ...]] = {
 }
 
 
+#: A reviewer's label as the columns of a training labels CSV (what `gateway train MODEL` reads; the shipped
+#: data's vocabulary), per model; a label not here is written as it is, in ``label``.
+TRAINING_LABELS: dict[str, dict[str, dict[str, str]]] = {
+    "glaucoma": {"no_glaucoma": {"label": "normal"}, "glaucoma": {"label": "glaucoma"}},
+    "pneumonia": {
+        "no_pneumonia": {"label": "normal", "subtype": "normal"},
+        "bacterial_pneumonia": {"label": "pneumonia", "subtype": "bacteria"},
+        "viral_pneumonia": {"label": "pneumonia", "subtype": "virus"},
+    },
+    "covid19": {
+        "normal": {"label": "normal"},
+        "covid19": {"label": "covid19"},
+        "viral_pneumonia": {"label": "viral_pneumonia"},
+    },
+}
+
+
+def training_columns(model: str, label: str) -> dict[str, str]:
+    """The label columns of a training CSV row for a reviewer's ``label`` of ``model``."""
+    return dict(TRAINING_LABELS.get(model, {}).get(label, {"label": label}))
+
+
 #: (model, finding) -> the finding it refines: a subtype is reported (and can be uncertain) only where its
 #: parent is present (the pneumonia model's bacterial/viral outputs are conditional on pneumonia).
 REQUIRES: dict[tuple[str, str], str] = {

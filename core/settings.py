@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     Field,
     IPvAnyNetwork,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -321,6 +322,16 @@ class ReviewSettings(BaseModel):
         return value
 
 
+class ExportSettings(BaseModel):
+    """De-identified label exports (GATEWAY_EXPORT__*)."""
+
+    #: The project key pseudonymous UIDs, patient ids and date shifts derive from (HMAC-SHA256): the same key
+    #: gives the same pseudonyms in every export. Unset: a random key made once in DATA_DIR/export.key.
+    key: SecretStr | None = None
+    #: The Retain Patient Characteristics Option (PS3.15 E.3.6): keep sex, age, size and weight.
+    keep_patient_characteristics: bool = False
+
+
 class IngestSettings(BaseModel):
     """What one instance may cost: checked at C-STORE and STOW before storage, again before decoding."""
 
@@ -403,6 +414,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = InferenceSettings()
     reporting: ReportingSettings = ReportingSettings()
     review: ReviewSettings = ReviewSettings()
+    export: ExportSettings = ExportSettings()
     routing: RoutingSettings = RoutingSettings()
     orthanc: OrthancSettings = OrthancSettings()
     #: JSON list of {"name","ae_title","host","port"} (optionally "tls": true and the tls_* keys of

@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -118,7 +119,7 @@ def serve(
     receivers.start()
     workers.start()
     config = uvicorn.Config(
-        create_app(rt.factory, settings),
+        create_app(rt.factory, settings, exporter=_exporter(rt)),
         host=settings.http.host,
         port=settings.http.port,
         log_level="warning",
@@ -131,6 +132,18 @@ def serve(
         receivers.stop()
         workers.stop()
         rt.close()
+
+
+def _exporter(rt: Runtime) -> Callable[[Any, str, str], tuple[Path, dict[str, Any]]]:
+    """What ``POST /api/exports`` calls: a ZIP of the selected decisions, in the storage's temp folder."""
+
+    def export(selection: Any, fmt: str, images: str) -> tuple[Path, dict[str, Any]]:
+        from gateway.export import ExportOptions, deidentifier, zip_export
+
+        options = ExportOptions(filter=selection, format=fmt, images=images)  # type: ignore[arg-type]
+        return zip_export(rt.factory, rt.storage, deidentifier(rt.settings), options)
+
+    return export
 
 
 def _settle_for_receiving() -> None:
@@ -443,6 +456,104 @@ def predict(
             for f in row["findings"]
         )
         typer.echo(f"{head}: {found}")
+
+
+@app.command("export")
+def export_labels(
+    out: Annotated[Path | None, typer.Option(help="Export folder (new or empty) or .zip file.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model's decisions.")] = None,
+    since: Annotated[datetime | None, typer.Option(help="Decided at or after (UTC).")] = None,
+    until: Annotated[datetime | None, typer.Option(help="Decided before (UTC).")] = None,
+    label: Annotated[
+        str | None, typer.Option(help="Only this final label (covid19, no_glaucoma...).")
+    ] = None,
+    decision: Annotated[
+        str, typer.Option(help="confirmed (AI label kept), corrected, or any (not assessable too).")
+    ] = "confirmed",
+    fmt: Annotated[str, typer.Option("--format", help="Manifest: csv or jsonl.")] = "csv",
+    images: Annotated[str, typer.Option(help="png (for `gateway train`), dicom or none.")] = "png",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count; write nothing.")] = False,
+    verify: Annotated[
+        Path | None, typer.Option(help="Check an export (folder or .zip) instead.", exists=True)
+    ] = None,
+) -> None:
+    """Export radiologists' decisions, de-identified (PS3.15 Annex E), for data teams and retraining."""
+    from core.audit import record
+    from core.export import DECISIONS, ExportFilter
+    from gateway.export import (
+        ExportOptions,
+        FolderSink,
+        ZipSink,
+        count_export,
+        deidentifier,
+        verify_export,
+        write_export,
+    )
+
+    settings = _settings()
+    rt = _runtime(settings, migrate=False, ingests=False)
+    try:
+        deid = deidentifier(settings)
+        if verify is not None:
+            problems = verify_export(rt.factory, rt.storage, deid, verify)
+            for problem in problems:
+                typer.echo(problem)
+            typer.echo(f"{len(problems)} problems in {verify}")
+            raise typer.Exit(1 if problems else 0)
+        if decision not in DECISIONS or fmt not in ("csv", "jsonl") or images not in ("png", "dicom", "none"):
+            typer.echo(
+                "--decision: confirmed|corrected|any; --format: csv|jsonl; --images: png|dicom|none", err=True
+            )
+            raise typer.Exit(2)
+        selection = ExportFilter(
+            model=model,
+            since=since.replace(tzinfo=UTC) if since else None,
+            until=until.replace(tzinfo=UTC) if until else None,
+            label=label,
+            decision=decision,
+        )
+        if dry_run:
+            counted = count_export(rt.factory, selection)
+            for key, n in sorted(counted.items()):
+                typer.echo(f"{key}: {n}")
+            typer.echo(f"{sum(counted.values())} images would be exported")
+            return
+        if out is None:
+            typer.echo("--out is required", err=True)
+            raise typer.Exit(2)
+        options = ExportOptions(filter=selection, format=fmt, images=images)  # type: ignore[arg-type]
+        with typer.progressbar(length=1, label="exporting") as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.length = total
+                bar.update(1)
+
+            try:
+                if out.suffix.lower() == ".zip":
+                    if out.exists():
+                        typer.echo(f"{out} exists", err=True)
+                        raise typer.Exit(2)
+                    with open(out, "xb") as fh:
+                        sink = ZipSink(fh)
+                        counts = write_export(rt.factory, rt.storage, deid, options, sink, progress=progress)
+                        sink.close()
+                else:
+                    counts = write_export(
+                        rt.factory, rt.storage, deid, options, FolderSink(out), progress=progress
+                    )
+            except ValueError as exc:  # a folder that is not empty
+                typer.echo(str(exc), err=True)
+                raise typer.Exit(2) from None
+        with rt.factory.begin() as session:
+            record(session, actor="cli", action="export.create", detail={"via": "cli", **counts.as_dict()})
+        for key, n in sorted(counts.by_label.items()):
+            typer.echo(f"{key}: {n}")
+        typer.echo(
+            f"{counts.rows} rows, {counts.images} images to {out}; left out: "
+            f"{counts.burned_in} with burned-in annotation, {counts.unreadable} unreadable"
+        )
+    finally:
+        rt.close()
 
 
 @app.command("train")

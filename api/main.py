@@ -19,7 +19,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from api import security
 from api.deps import SessionDep
 from api.pages import NOTICE, STATIC_DIR, page
-from api.routes import admin, auth, decisions, dicomweb, exports, health, review, studies
+from api.routes import admin, auth, decisions, dicomweb, exports, health, models, review, studies
 from api.routes.exports import Exporter
 from api.security import Authenticated
 from core.settings import Settings
@@ -90,4 +90,5 @@ def create_app(
     app.include_router(dicomweb.router)
     app.include_router(health.router)
     app.include_router(exports.router)
+    app.include_router(models.router)
     return app

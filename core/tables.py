@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -404,6 +405,41 @@ class Review(Base):
     user: Mapped[User | None] = relationship()
 
     __table_args__ = (UniqueConstraint("report_id", "version"),)
+
+
+class ModelVersion(Base):
+    """One version of one model in the registry (core.model_versions): its weights' digest, where its bundle
+    is, what it was trained on and measured at, and its status. One active version per model."""
+
+    __tablename__ = "model_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32))
+    version: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: SHA-256 of the served graph (model.tflite)
+    digest: Mapped[str] = mapped_column(String(64))
+    #: the bundle folder
+    path: Mapped[str] = mapped_column(Text)
+    #: shipped (in the package) | configured (GATEWAY_INFERENCE__MODEL_DIRS) | made (DATA_DIR/models)
+    source: Mapped[str] = mapped_column(String(16))
+    data_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: candidate | shadow | active | retired
+    status: Mapped[str] = mapped_column(String(16))
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        Index(
+            "uq_model_version_active",
+            "name",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+    )
 
 
 class OrthancCursor(Base):

@@ -88,6 +88,7 @@ def serve(
     settings = _settings()
     rt = _runtime(settings, migrate=migrate)
     receive_into(rt.storage)
+    _register_models(rt)
     clear_counters(settings.ingest_rate_dir)  # those of a previous run's processes
     count_ingest(settings.ingest_rate_dir)
     _settle_for_receiving()
@@ -144,6 +145,17 @@ def _exporter(rt: Runtime) -> Callable[[Any, str, str], tuple[Path, dict[str, An
         return zip_export(rt.factory, rt.storage, deidentifier(rt.settings), options)
 
     return export
+
+
+def _register_models(rt: Runtime) -> None:
+    """Put the configured bundles in the model registry (their winners active unless a person promoted
+    another version)."""
+    from core.db import transaction
+    from core.model_versions import sync_configured
+    from gateway.models import configured_bundles
+
+    with transaction(rt.factory) as session:
+        sync_configured(session, configured_bundles(rt.settings))
 
 
 def _settle_for_receiving() -> None:
@@ -456,6 +468,126 @@ def predict(
             for f in row["findings"]
         )
         typer.echo(f"{head}: {found}")
+
+
+models_app = typer.Typer(help="The model registry: versions, status, promotion.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(name: Annotated[str | None, typer.Argument(help="Only this model.")] = None) -> None:
+    """Every registered version: status, where its bundle is from, digest, who changed it last."""
+    from core.model_versions import versions
+
+    with _accounts_session() as session:
+        rows = versions(session, name)
+        for r in rows:
+            typer.echo(
+                f"{r.name:10} {r.version:16} {r.status:9} {r.source:10} {r.digest[:12]}  "
+                f"{r.changed_at:%Y-%m-%d %H:%M} {r.changed_by}"
+            )
+        if not rows:
+            typer.echo("no model registered yet (`gateway serve` registers the configured bundles)")
+
+
+@models_app.command("show")
+def models_show(name: str, version: str) -> None:
+    """One version as JSON: bundle path, digest, data summary, validation metrics, status history."""
+    from sqlalchemy import select
+
+    from core.model_versions import find
+    from core.tables import AuditEvent
+
+    with _accounts_session() as session:
+        row = find(session, name, version)
+        if row is None:
+            typer.echo(f"no version {version} of model {name}", err=True)
+            raise typer.Exit(1)
+        history = [
+            {"at": e.at.isoformat(), "actor": e.actor, "action": e.action, **e.detail}
+            for e in session.scalars(select(AuditEvent).where(AuditEvent.action.like("model.%")))
+            if e.detail.get("model") == name and e.detail.get("version") == version
+        ]
+        out = {
+            "name": row.name,
+            "version": row.version,
+            "status": row.status,
+            "source": row.source,
+            "path": row.path,
+            "digest": row.digest,
+            "created_at": row.created_at.isoformat(),
+            "data_summary": row.data_summary,
+            "metrics": row.metrics,
+            "history": history,
+        }
+        typer.echo(json.dumps(out, indent=2))
+
+
+@models_app.command("add")
+def models_add(
+    bundle: Annotated[
+        Path, typer.Argument(help="A bundle folder (model.json, model.tflite ...).", exists=True)
+    ],
+) -> None:
+    """Copy a bundle to DATA_DIR/models/NAME/VERSION and register it as a candidate."""
+    from core.model_versions import RegistryError, add
+    from gateway.models import install_bundle
+    from inference.bundle import BundleError
+
+    settings = _settings()
+    try:
+        found = install_bundle(settings, bundle)
+        with _accounts_session() as session:
+            row = add(session, found, actor="cli")
+            typer.echo(f"{row.name} {row.version}: {row.status} ({row.path})")
+    except (BundleError, RegistryError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str,
+    version: str,
+    force: Annotated[
+        bool, typer.Option("--force", help="Without the evaluation gate (needs --reason).")
+    ] = False,
+    reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit trail).")] = None,
+) -> None:
+    """Make a version the active one: the workers use it from their next study, without a restart."""
+    from core.model_versions import RegistryError, set_status
+
+    if not force:
+        typer.echo(
+            "the promotion gate (candidate against active on the fixed evaluation set) is not built yet; "
+            "promote with --force --reason TEXT",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if not (reason or "").strip():
+        typer.echo("--force needs --reason", err=True)
+        raise typer.Exit(2)
+    try:
+        with _accounts_session() as session:
+            set_status(session, name, version, "active", actor="cli", reason=f"forced: {reason}")
+    except RegistryError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{name} {version} is active")
+
+
+@models_app.command("retire")
+def models_retire(name: str, version: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
+    """Retire a version that is not the active one."""
+    from core.model_versions import RegistryError, set_status
+
+    try:
+        with _accounts_session() as session:
+            set_status(session, name, version, "retired", actor="cli", reason=reason)
+    except RegistryError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{name} {version} is retired")
 
 
 @app.command("export")

@@ -13,6 +13,7 @@ from core.db import make_engine, make_sessionmaker
 from core.migrate import current_revision, head_revision, upgrade
 from core.settings import Settings
 from core.storage import Storage
+from gateway.models import LiveModels
 from inference.registry import ModelRegistry
 from orthanc.client import OrthancSource
 
@@ -31,8 +32,15 @@ class Runtime:
     _registry: ModelRegistry | None = field(default=None, repr=False)
 
     @cached_property
+    def models(self) -> LiveModels:
+        """The registry's active versions (the configured bundles while the registry is empty)."""
+        fallback = self._registry or ModelRegistry(extra_dirs=self.settings.inference.model_dirs)
+        return LiveModels(self.factory, fallback)
+
+    @property
     def registry(self) -> ModelRegistry:
-        return self._registry or ModelRegistry(extra_dirs=self.settings.inference.model_dirs)
+        """The models to run now: read per study, so a promotion applies without a restart."""
+        return self.models.current()
 
     @cached_property
     def orthanc(self) -> OrthancSource:

@@ -39,7 +39,7 @@ from core.tables import (
 from core.worklist import refresh_case
 from gateway.runtime import Runtime
 from gateway.sources import UnreadableSource, read_source
-from inference.model import not_assessable, run_model
+from inference.model import Model, not_assessable, run_model
 from inference.preprocess import UnreadableImage, load_dicom_image
 from inference.routing import SeriesInfo, route_series
 from reporting.capture import build_capture
@@ -53,6 +53,7 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 def process_study(rt: Runtime, job: ClaimedJob) -> None:
     """Route every series of the study, run each model on its input set and write one SR per model."""
     study_uid = job.payload["study_instance_uid"]
+    registry = rt.registry  # the active versions, once for the whole study
     with rt.factory() as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
         if study is None:
@@ -73,7 +74,7 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
             )
             for route in route_series(info, rt.settings.routing):
                 reason = route.reason
-                if route.model_name and route.model_name not in rt.registry.names():
+                if route.model_name and route.model_name not in registry.names():
                     reason = f"model {route.model_name} is not installed"
                     decisions.append(
                         RoutingDecision(
@@ -103,7 +104,9 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
         session.add_all(decisions)
     decoded: dict[Path, np.ndarray | str] = {}  # each image decoded once for all the study's models
     for model_name, refs in by_model.items():
-        _report_model(rt, job, study_id, study_uid, model_name, refs, decoded)
+        model = registry.get(model_name)
+        assert model is not None
+        _report_model(rt, job, study_id, study_uid, model, refs, decoded)
 
 
 def _ref(study_uid: str, series_uid: str, instance: Instance, rt: Runtime) -> InstanceRef:
@@ -121,12 +124,11 @@ def _report_model(
     job: ClaimedJob,
     study_id: int,
     study_uid: str,
-    model_name: str,
+    model: Model,
     refs: list[InstanceRef],
     decoded: dict[Path, np.ndarray | str],
 ) -> None:
-    model = rt.registry.get(model_name)
-    assert model is not None
+    model_name = model.info.name
     sop_uids = [r.sop_instance_uid for r in refs]
     uid = report_uid(study_uid, model.info, sop_uids)
     with rt.factory() as session:

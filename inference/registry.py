@@ -32,7 +32,7 @@ class ModelRegistry:
         dirs = [SHIPPED_DIR] if include_shipped else []
         dirs += [Path(d) for d in extra_dirs]
         for directory in dirs:
-            for bundle_dir in _bundle_dirs(directory):
+            for bundle_dir in bundle_dirs(directory):
                 self._add_bundle(bundle_dir)
 
     def register(self, model: Model) -> None:
@@ -71,7 +71,8 @@ class ModelRegistry:
         self.register(model)
 
 
-def _bundle_dirs(directory: Path) -> Iterable[Path]:
+def bundle_dirs(directory: Path) -> Iterable[Path]:
+    """The bundle folders of ``directory``: itself when it holds a model.json, else its children that do."""
     if (directory / METADATA_FILE).is_file():
         yield directory
         return

@@ -1,0 +1,120 @@
+"""The registry's active versions as loaded models: what a worker runs on each study.
+
+`gateway serve` registers the bundles it is configured with (core.model_versions.sync_configured); a worker
+asks :class:`LiveModels` for the current models before each job, which reads the active versions (one small
+query) and loads a bundle only when the version changes, so a promotion takes effect with the next study,
+without a restart. Without registry rows (a database no `serve` has started on), the configured bundles
+serve, as before the registry existed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import model_versions
+from core.db import read_session
+from core.model_versions import Bundle
+from core.settings import Settings
+from inference.bundle import METADATA_FILE, TFLITE_FILE, BundleError, BundleModel
+from inference.registry import SHIPPED_DIR, ModelRegistry, bundle_dirs
+
+log = logging.getLogger(__name__)
+
+
+def digest(bundle_dir: Path) -> str:
+    """SHA-256 of the served graph (the model.json when a bundle has none)."""
+    path = bundle_dir / TFLITE_FILE
+    if not path.is_file():
+        path = bundle_dir / METADATA_FILE
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_bundle(bundle_dir: Path, source: str) -> Bundle:
+    """A bundle folder as the registry records it (BundleError when it is not a usable bundle)."""
+    model = BundleModel(bundle_dir)
+    return Bundle(
+        name=model.info.name,
+        version=model.info.version,
+        digest=digest(bundle_dir),
+        path=str(bundle_dir.resolve()),
+        source=source,
+    )
+
+
+def configured_bundles(settings: Settings) -> list[Bundle]:
+    """The shipped bundles, then those of GATEWAY_INFERENCE__MODEL_DIRS (the registry's order)."""
+    out = []
+    for directory, source in [(SHIPPED_DIR, "shipped")] + [
+        (Path(d), "configured") for d in settings.inference.model_dirs
+    ]:
+        for bundle_dir in bundle_dirs(directory):
+            try:
+                out.append(describe_bundle(bundle_dir, source))
+            except BundleError as exc:
+                log.error("skipping model bundle %s: %s", bundle_dir, exc)
+    return out
+
+
+def install_bundle(settings: Settings, source_dir: Path) -> Bundle:
+    """Copy a bundle folder to ``DATA_DIR/models/<name>/<version>/`` (where bundles made here live) and
+    describe it; the caller registers it."""
+    found = describe_bundle(source_dir, "made")
+    target = settings.data_dir / "models" / found.name / found.version
+    if target.exists():
+        if digest(target) != found.digest:
+            raise BundleError(f"{target} holds other weights for {found.name} {found.version}")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source_dir, target)
+    return Bundle(found.name, found.version, found.digest, str(target.resolve()), "made")
+
+
+class LiveModels:
+    """The models of the active versions, reloaded when the registry changes."""
+
+    def __init__(self, factory: sessionmaker[Session], fallback: ModelRegistry) -> None:
+        self._factory = factory
+        self._fallback = fallback
+        self._key: tuple[tuple[str, str, str], ...] | None = None
+        self._current = fallback
+        self._loaded: dict[tuple[str, str], BundleModel] = {}
+        self._lock = threading.Lock()
+
+    def current(self) -> ModelRegistry:
+        with read_session(self._factory) as session:
+            rows = model_versions.active(session)
+        key = tuple(sorted((r.name, r.version, r.path) for r in rows.values()))
+        with self._lock:
+            if key == self._key:
+                return self._current
+            if not key:
+                self._current = self._fallback
+            else:
+                registry = ModelRegistry(include_shipped=False)
+                for name, version, path in key:
+                    model = self._loaded.get((path, version))
+                    if model is None:
+                        try:
+                            model = BundleModel(Path(path))
+                        except BundleError as exc:
+                            log.error(
+                                "active model %s %s cannot be loaded from %s: %s", name, version, path, exc
+                            )
+                            continue
+                        self._loaded[(path, version)] = model
+                    registry.register(model)
+                if self._key is not None:
+                    log.info("models now: %s", ", ".join(f"{n} {v}" for n, v, _ in key))
+                self._current = registry
+            self._key = key
+            return self._current

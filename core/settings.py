@@ -237,6 +237,11 @@ class WorkerSettings(BaseModel):
 class InferenceSettings(BaseModel):
     #: Extra directories holding model bundles (model.json + model.tflite), besides the shipped weights.
     model_dirs: Annotated[list[Path], NoDecode] = []
+    #: The fixed evaluation set of each model's promotion gate: model name -> a labels CSV (or a folder
+    #: holding labels.csv) in the training data's vocabulary, e.g. '{"pneumonia": "/data/eval/pneumonia"}'.
+    evaluation_sets: dict[str, Path] = {}
+    #: How much lower than the active model's a candidate's sensitivity may be and still be promoted.
+    sensitivity_margin: float = Field(0.02, ge=0, le=1)
 
     _split = field_validator("model_dirs", mode="before")(classmethod(lambda cls, v: _env_list(v, ":")))
 

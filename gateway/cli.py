@@ -549,27 +549,63 @@ def models_add(
 def models_promote(
     name: str,
     version: str,
-    force: Annotated[
-        bool, typer.Option("--force", help="Without the evaluation gate (needs --reason).")
-    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Skip the gate (needs --reason).")] = False,
     reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit trail).")] = None,
 ) -> None:
-    """Make a version the active one: the workers use it from their next study, without a restart."""
-    from core.model_versions import RegistryError, set_status
+    """Make a version the active one, if it beats the active version on the model's fixed evaluation set
+    (GATEWAY_INFERENCE__EVALUATION_SETS); the workers use it from their next study, without a restart."""
+    from core.audit import record
+    from core.model_versions import RegistryError, active, find, set_status
 
-    if not force:
+    settings = _settings()
+    if force and not (reason or "").strip():
+        typer.echo("--force needs --reason", err=True)
+        raise typer.Exit(2)
+    evaluation = settings.inference.evaluation_sets.get(name)
+    if not force and evaluation is None:
         typer.echo(
-            "the promotion gate (candidate against active on the fixed evaluation set) is not built yet; "
-            "promote with --force --reason TEXT",
+            f"no evaluation set for {name} (GATEWAY_INFERENCE__EVALUATION_SETS): the promotion gate cannot "
+            "run; configure one, or promote with --force --reason TEXT",
             err=True,
         )
         raise typer.Exit(2)
-    if not (reason or "").strip():
-        typer.echo("--force needs --reason", err=True)
-        raise typer.Exit(2)
+    with _accounts_session() as session:
+        candidate, current = find(session, name, version), active(session).get(name)
+        if candidate is None:
+            typer.echo(f"no version {version} of model {name}", err=True)
+            raise typer.Exit(1)
+        paths = (current.path if current else None, candidate.path)
+    figures = None
+    if not force and paths[0] is not None:
+        from training.promotion import describe, evaluate_pair
+
+        assert evaluation is not None
+        result = evaluate_pair(
+            name, Path(paths[0]), Path(paths[1]), evaluation, margin=settings.inference.sensitivity_margin
+        )
+        typer.echo(describe(result))
+        figures = result.figures
+        if not result.passed:
+            with _accounts_session() as session:
+                record(
+                    session,
+                    actor="cli",
+                    action="model.promote_refused",
+                    detail={"version": version, **figures, "reasons": result.reasons},
+                )
+            raise typer.Exit(1)
     try:
         with _accounts_session() as session:
-            set_status(session, name, version, "active", actor="cli", reason=f"forced: {reason}")
+            row = set_status(
+                session,
+                name,
+                version,
+                "active",
+                actor="cli",
+                reason=f"forced: {reason}" if force else "passed the promotion gate",
+            )
+            if figures is not None:
+                row.metrics = {**(row.metrics or {}), "gate": figures}
     except RegistryError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None

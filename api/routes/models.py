@@ -36,7 +36,7 @@ class StatusChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: str = Field(description="active or retired")
-    #: active without the evaluation gate (not built yet): needs a reason
+    #: active without the evaluation gate (which runs in `gateway models promote`): needs a reason
     force: bool = False
     reason: str | None = Field(None, max_length=500)
 
@@ -50,14 +50,17 @@ def list_models(principal: AdminDep, session: ReadSessionDep) -> list[ModelVersi
 def change_status(
     name: str, version: str, change: StatusChange, request: Request, principal: AdminDep, session: SessionDep
 ) -> ModelVersionOut:
-    """Retire a version, or make it active: the workers use it from their next study. Promotion needs
-    ``force`` and a ``reason`` until the evaluation gate exists (409 otherwise)."""
+    """Retire a version, or make it active: the workers use it from their next study. The promotion gate
+    (both models on the evaluation set: minutes of CPU) runs in `gateway models promote`; here a promotion
+    needs ``force`` and a ``reason`` (409 otherwise)."""
     if change.status not in ("active", "retired"):
         raise HTTPException(422, "status must be active or retired")
     reason = (change.reason or "").strip()
     if change.status == "active":
         if not change.force:
-            raise HTTPException(409, "the promotion gate is not built yet: send force with a reason")
+            raise HTTPException(
+                409, "the promotion gate runs in `gateway models promote`; here send force with a reason"
+            )
         if not reason:
             raise HTTPException(422, "a forced promotion needs a reason")
         reason = f"forced: {reason}"

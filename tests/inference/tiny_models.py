@@ -32,20 +32,28 @@ def tiny_metadata(name: str) -> dict[str, Any]:
     }
 
 
-def make_tiny_bundles(root: Path) -> Path:
-    """Write one bundle per :data:`TINY_MODELS` entry under ``root/<name>/``; returns ``root``."""
+def make_tiny_bundles(
+    root: Path, *, seed: int = 1000, version: str | None = None, names: tuple[str, ...] | None = None
+) -> Path:
+    """Write one bundle per :data:`TINY_MODELS` entry (or ``names``) under ``root/<name>/``; returns ``root``.
+    Another ``seed`` gives other weights (and ``version`` another version: a retrained model)."""
     import keras
 
     from training.export import write_bundle
 
     root = Path(root)
-    for seed, name in enumerate(sorted(TINY_MODELS)):
+    for offset, name in enumerate(sorted(TINY_MODELS)):
+        if names is not None and name not in names:
+            continue
         _, channels, findings = TINY_MODELS[name]
-        keras.utils.set_random_seed(1000 + seed)
+        keras.utils.set_random_seed(seed + offset)
         inputs = keras.Input((TINY_INPUT_SIZE, TINY_INPUT_SIZE, channels))
         x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
         x = keras.layers.GlobalAveragePooling2D(name="features")(x)
         outputs = keras.layers.Dense(len(findings), activation="sigmoid", name="head")(x)
         model = keras.Model(inputs, outputs, name=f"tiny_{name}")
-        write_bundle(root / name, model, tiny_metadata(name))
+        metadata = tiny_metadata(name)
+        if version is not None:
+            metadata["version"] = version
+        write_bundle(root / name, model, metadata)
     return root

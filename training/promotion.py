@@ -1,0 +1,190 @@
+"""The promotion gate: a candidate model version goes live only if it beats the active one on the same fixed
+evaluation set, through the serving path.
+
+Both bundles run on every image of the evaluation set (a labels CSV in the training data's vocabulary, as an
+export's ``MODEL/labels.csv``); images either one finds not assessable are left out of both. The primary
+metric is the ROC AUC of the model's first finding for a binary question (pneumonia vs normal, glaucoma
+vs normal), compared by DeLong's test, and the accuracy of the three-class answer for covid19 (normal,
+COVID-19, viral pneumonia), compared by McNemar's test. The candidate passes when its primary metric is
+higher and its sensitivity (for the first finding, at its own calibrated threshold, the one its reports
+use) is not lower than the active model's by more than ``margin``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.bundle import BundleModel
+from inference.model import assess
+from inference.preprocess import load_any
+from training.cards.compare import delong, mcnemar
+from training.cards.metrics import wilson_ci
+from training.data import labels_csv, read_labels
+
+#: label -> positive, for the binary questions (the training vocabulary)
+BINARY = {
+    "pneumonia": {"pneumonia": 1, "normal": 0},
+    "glaucoma": {"glaucoma": 1, "normal": 0},
+}
+COVID_CLASSES = ("normal", "covid19", "viral_pneumonia")
+
+
+@dataclass
+class Scored:
+    """One model's answers on the evaluation images both models could assess."""
+
+    version: str
+    probabilities: list[dict[str, float]] = field(default_factory=list)
+    present: list[bool] = field(default_factory=list)  # its first finding, at its own threshold
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    figures: dict[str, Any]
+
+
+def _score(model: BundleModel, images: list[np.ndarray]) -> list[Any]:
+    out: list[Any] = []
+    for start in range(0, len(images), 32):
+        out += assess(model, images[start : start + 32])
+    return out
+
+
+def evaluate_pair(
+    name: str, active_dir: Path, candidate_dir: Path, data: Path, *, margin: float = 0.02
+) -> GateResult:
+    """Run the gate on ``data`` (a labels CSV or a folder holding one)."""
+    csv_path = labels_csv(data)
+    rows = read_labels(csv_path)
+    active, candidate = BundleModel(active_dir), BundleModel(candidate_dir)
+    images = [load_any(csv_path.parent / r["path"]) for r in rows]
+    a_all, c_all = _score(active, images), _score(candidate, images)
+    labels: list[str] = []
+    a, c = Scored(active.info.version), Scored(candidate.info.version)
+    for row, ra, rc in zip(rows, a_all, c_all, strict=True):
+        if not (ra.assessable and rc.assessable):
+            continue
+        labels.append(row["label"].strip().lower())
+        for scored, result in ((a, ra), (c, rc)):
+            scored.probabilities.append({f.name: f.probability for f in result.findings})
+            scored.present.append(result.findings[0].present)
+    figures: dict[str, Any] = {
+        "model": name,
+        "evaluation_set": str(csv_path),
+        "images": len(rows),
+        "assessed_by_both": len(labels),
+        "active": {"version": a.version},
+        "candidate": {"version": c.version},
+        "margin": margin,
+    }
+    if name in BINARY:
+        return _binary_gate(name, labels, a, c, margin, figures)
+    if name == "covid19":
+        return _covid_gate(labels, a, c, margin, figures)
+    raise ValueError(f"no promotion gate for model {name!r}")
+
+
+def _binary_gate(
+    name: str, labels: list[str], a: Scored, c: Scored, margin: float, figures: dict[str, Any]
+) -> GateResult:
+    known = BINARY[name]
+    keep = [i for i, label in enumerate(labels) if label in known]
+    y = np.array([known[labels[i]] for i in keep])
+    if len(set(y.tolist())) < 2:
+        return GateResult(
+            False, ["the evaluation set needs positive and negative cases both models assess"], figures
+        )
+    first = name
+    sa = [a.probabilities[i][first] for i in keep]
+    sc = [c.probabilities[i][first] for i in keep]
+    test = delong(y, sa, sc)
+    figures["test"] = {"name": "DeLong", **test.as_dict()}
+    figures["active"]["auc"], figures["candidate"]["auc"] = test.auc_a, test.auc_b
+    reasons = []
+    if not test.auc_b > test.auc_a:
+        reasons.append(f"AUC {test.auc_b:.4f} is not higher than the active model's {test.auc_a:.4f}")
+    reasons += _sensitivity(y, [a.present[i] for i in keep], [c.present[i] for i in keep], margin, figures)
+    return GateResult(not reasons, reasons, figures)
+
+
+def _covid_gate(
+    labels: list[str], a: Scored, c: Scored, margin: float, figures: dict[str, Any]
+) -> GateResult:
+    keep = [i for i, label in enumerate(labels) if label in COVID_CLASSES]
+    if not keep:
+        return GateResult(False, ["no evaluation image both models assess"], figures)
+    truth = [COVID_CLASSES.index(labels[i]) for i in keep]
+
+    def answers(s: Scored) -> list[int]:
+        out = []
+        for i in keep:
+            p = s.probabilities[i]
+            pc, pv = p.get("covid19", 0.0), p.get("viral_pneumonia", 0.0)
+            out.append(int(np.argmax([1.0 - pc - pv, pc, pv])))
+        return out
+
+    right_a = [x == t for x, t in zip(answers(a), truth, strict=True)]
+    right_c = [x == t for x, t in zip(answers(c), truth, strict=True)]
+    test = mcnemar(right_a, right_c)
+    acc_a, acc_c = wilson_ci(sum(right_a), len(keep)), wilson_ci(sum(right_c), len(keep))
+    figures["test"] = {"name": "McNemar", **test.as_dict()}
+    figures["active"]["accuracy"], figures["candidate"]["accuracy"] = acc_a.as_dict(), acc_c.as_dict()
+    reasons = []
+    if not acc_c.value > acc_a.value:
+        reasons.append(f"accuracy {acc_c.value:.4f} is not higher than the active model's {acc_a.value:.4f}")
+    y = np.array([1 if labels[i] == "covid19" else 0 for i in keep])
+    reasons += _sensitivity(y, [a.present[i] for i in keep], [c.present[i] for i in keep], margin, figures)
+    return GateResult(not reasons, reasons, figures)
+
+
+def _sensitivity(
+    y: np.ndarray, present_a: list[bool], present_c: list[bool], margin: float, figures: dict[str, Any]
+) -> list[str]:
+    positives = int(y.sum())
+    if positives == 0:
+        return ["the evaluation set has no positive case to measure sensitivity on"]
+    sens_a = wilson_ci(int(sum(p for p, t in zip(present_a, y, strict=True) if t)), positives)
+    sens_c = wilson_ci(int(sum(p for p, t in zip(present_c, y, strict=True) if t)), positives)
+    figures["active"]["sensitivity"], figures["candidate"]["sensitivity"] = sens_a.as_dict(), sens_c.as_dict()
+    if sens_c.value < sens_a.value - margin:
+        return [
+            f"sensitivity {sens_c.value:.4f} is lower than the active model's {sens_a.value:.4f} "
+            f"by more than {margin}"
+        ]
+    return []
+
+
+def describe(result: GateResult) -> str:
+    """Both models' figures side by side, the test, and the verdict."""
+    f = result.figures
+    lines = [f"{f['model']}: {f['assessed_by_both']} of {f['images']} evaluation images assessed by both"]
+    for key in ("auc", "accuracy", "sensitivity"):
+        if key in f["active"]:
+            lines.append(
+                f"  {key:12} active {f['active']['version']}: {_fmt(f['active'][key])}   "
+                f"candidate {f['candidate']['version']}: {_fmt(f['candidate'][key])}"
+            )
+    if "test" in f:
+        t = f["test"]
+        lines.append(
+            f"  {t['name']}: p = {t['p']:.4g}"
+            + (
+                f", AUC difference {t['diff']:+.4f} (95% CI {t['low']:+.4f} to {t['high']:+.4f})"
+                if t["name"] == "DeLong"
+                else f", right by active only {t['only_a']}, by candidate only {t['only_b']}"
+            )
+        )
+    lines.append("  PASSED" if result.passed else "  REFUSED: " + "; ".join(result.reasons))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{value['value']:.4f} ({value['low']:.4f}-{value['high']:.4f})"
+    return f"{float(value):.4f}"

@@ -60,6 +60,10 @@ def active(session: Session) -> dict[str, ModelVersion]:
     return {row.name: row for row in rows}
 
 
+def shadows(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.status == "shadow")))
+
+
 def add(session: Session, bundle: Bundle, *, actor: str, status: str = "candidate") -> ModelVersion:
     """Register ``bundle`` (RegistryError if its name and version are taken by other weights)."""
     existing = find(session, bundle.name, bundle.version)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -203,6 +204,8 @@ class Prediction(Base):
     assessable: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Made by a version in shadow mode: stored to compare, never reported, sent or shown as the result.
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     report: Mapped[Report | None] = relationship(back_populates="predictions")
 

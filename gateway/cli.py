@@ -612,6 +612,21 @@ def models_promote(
     typer.echo(f"{name} {version} is active")
 
 
+@models_app.command("shadow")
+def models_shadow(name: str, version: str) -> None:
+    """Run a version beside the active one on live studies: its predictions are stored with its version,
+    never reported, sent or shown (`shadow_predictions` in GET /api/studies/{uid}); retire it to stop."""
+    from core.model_versions import RegistryError, set_status
+
+    try:
+        with _accounts_session() as session:
+            set_status(session, name, version, "shadow", actor="cli")
+    except RegistryError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{name} {version} runs in shadow mode")
+
+
 @models_app.command("retire")
 def models_retire(name: str, version: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
     """Retire a version that is not the active one."""

@@ -80,41 +80,58 @@ def install_bundle(settings: Settings, source_dir: Path) -> Bundle:
 
 
 class LiveModels:
-    """The models of the active versions, reloaded when the registry changes."""
+    """The models of the active versions (and of those in shadow mode), reloaded when the registry changes."""
 
     def __init__(self, factory: sessionmaker[Session], fallback: ModelRegistry) -> None:
         self._factory = factory
         self._fallback = fallback
-        self._key: tuple[tuple[str, str, str], ...] | None = None
+        self._key: tuple[tuple[str, str, str, str], ...] | None = None
         self._current = fallback
+        self._shadows: dict[str, list[BundleModel]] = {}
         self._loaded: dict[tuple[str, str], BundleModel] = {}
         self._lock = threading.Lock()
 
     def current(self) -> ModelRegistry:
+        """The active versions' models (the configured bundles while no version is active)."""
+        self._refresh()
+        return self._current
+
+    def shadows(self, name: str) -> list[BundleModel]:
+        """The versions of ``name`` in shadow mode, as of the last :meth:`current`."""
+        with self._lock:
+            return list(self._shadows.get(name, ()))
+
+    def _refresh(self) -> None:
         with read_session(self._factory) as session:
-            rows = model_versions.active(session)
-        key = tuple(sorted((r.name, r.version, r.path) for r in rows.values()))
+            rows = list(model_versions.active(session).values()) + model_versions.shadows(session)
+        key = tuple(sorted((r.name, r.version, r.path, r.status) for r in rows))
         with self._lock:
             if key == self._key:
-                return self._current
-            if not key:
-                self._current = self._fallback
-            else:
-                registry = ModelRegistry(include_shipped=False)
-                for name, version, path in key:
-                    model = self._loaded.get((path, version))
-                    if model is None:
-                        try:
-                            model = BundleModel(Path(path))
-                        except BundleError as exc:
-                            log.error(
-                                "active model %s %s cannot be loaded from %s: %s", name, version, path, exc
-                            )
-                            continue
-                        self._loaded[(path, version)] = model
+                return
+            active = [k for k in key if k[3] == "active"]
+            registry = ModelRegistry(include_shipped=False)
+            shadows: dict[str, list[BundleModel]] = {}
+            for name, version, path, status in key:
+                model = self._load(name, version, path)
+                if model is None:
+                    continue
+                if status == "active":
                     registry.register(model)
-                if self._key is not None:
-                    log.info("models now: %s", ", ".join(f"{n} {v}" for n, v, _ in key))
-                self._current = registry
+                else:
+                    shadows.setdefault(name, []).append(model)
+            self._current = registry if active else self._fallback
+            self._shadows = shadows
+            if self._key is not None:
+                log.info("models now: %s", ", ".join(f"{n} {v} ({s})" for n, v, _, s in key))
             self._key = key
-            return self._current
+
+    def _load(self, name: str, version: str, path: str) -> BundleModel | None:
+        model = self._loaded.get((path, version))
+        if model is None:
+            try:
+                model = BundleModel(Path(path))
+            except BundleError as exc:
+                log.error("model %s %s not loaded from %s: %s", name, version, path, exc)
+                return None
+            self._loaded[(path, version)] = model
+        return model

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from highdicom.sr import Comprehensive3DSR
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core.db import transaction
@@ -107,6 +107,64 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
         model = registry.get(model_name)
         assert model is not None
         _report_model(rt, job, study_id, study_uid, model, refs, decoded)
+    for model_name, refs in by_model.items():
+        for shadow in rt.models.shadows(model_name):
+            _run_shadow(rt, job, study_id, study_uid, shadow, refs, decoded)
+
+
+def _run_shadow(
+    rt: Runtime,
+    job: ClaimedJob,
+    study_id: int,
+    study_uid: str,
+    model: Model,
+    refs: list[InstanceRef],
+    decoded: dict[Path, np.ndarray | str],
+) -> None:
+    """A version in shadow mode on the same images: its predictions stored (replacing its earlier ones for
+    this study), never a report, a delivery or a worklist entry; its failure never fails the study."""
+    info = model.info
+    try:
+        results = run_model(model, refs, limits=rt.settings.ingest, decoded=decoded)
+        with transaction(rt.factory) as session:
+            by_sop = {i.sop_instance_uid: i.id for i in _instances(rt, [r.sop_instance_uid for r in refs])}
+            session.execute(
+                delete(Prediction).where(
+                    Prediction.study_id == study_id,
+                    Prediction.model_name == info.name,
+                    Prediction.model_version == info.version,
+                    Prediction.shadow.is_(True),
+                )
+            )
+            for result in results:
+                common = dict(
+                    study_id=study_id,
+                    instance_id=by_sop[result.instance.sop_instance_uid],
+                    job_id=job.id,
+                    model_name=info.name,
+                    model_version=info.version,
+                    assessable=result.assessable,
+                    reason=printable(result.reason, 255) if result.reason else None,
+                    shadow=True,
+                )
+                if not result.assessable:
+                    session.add(Prediction(**common))
+                for finding in result.findings:
+                    session.add(
+                        Prediction(
+                            **common,
+                            finding=finding.name,
+                            probability=finding.probability,
+                            threshold=finding.threshold,
+                            label=finding.label,
+                        )
+                    )
+    except Exception:
+        log.exception("study %s: shadow model %s %s failed", study_uid, info.name, info.version)
+        return
+    log.info(
+        "study %s: shadow %s %s predictions stored (%d images)", study_uid, info.name, info.version, len(refs)
+    )
 
 
 def _ref(study_uid: str, series_uid: str, instance: Instance, rt: Runtime) -> InstanceRef:

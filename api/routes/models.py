@@ -35,7 +35,7 @@ class ModelVersionOut(BaseModel):
 class StatusChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    status: str = Field(description="active or retired")
+    status: str = Field(description="active, shadow or retired")
     #: active without the evaluation gate (which runs in `gateway models promote`): needs a reason
     force: bool = False
     reason: str | None = Field(None, max_length=500)
@@ -53,8 +53,8 @@ def change_status(
     """Retire a version, or make it active: the workers use it from their next study. The promotion gate
     (both models on the evaluation set: minutes of CPU) runs in `gateway models promote`; here a promotion
     needs ``force`` and a ``reason`` (409 otherwise)."""
-    if change.status not in ("active", "retired"):
-        raise HTTPException(422, "status must be active or retired")
+    if change.status not in ("active", "shadow", "retired"):
+        raise HTTPException(422, "status must be active, shadow or retired")
     reason = (change.reason or "").strip()
     if change.status == "active":
         if not change.force:

@@ -147,6 +147,25 @@ def get_study(study_uid: str, session: SessionDep) -> dict[str, Any]:
                 "reason": p.reason,
             }
             for p in predictions
+            if not p.shadow
+        ],
+        # versions in shadow mode: stored to compare with the active one, never the result
+        "shadow_predictions": [
+            {
+                "sop_instance_uid": instances[p.instance_id].sop_instance_uid
+                if p.instance_id in instances
+                else None,
+                "model": p.model_name,
+                "version": p.model_version,
+                "finding": p.finding,
+                "probability": p.probability,
+                "threshold": p.threshold,
+                "label": p.label,
+                "assessable": p.assessable,
+                "reason": p.reason,
+            }
+            for p in predictions
+            if p.shadow
         ],
         "reports": [
             {

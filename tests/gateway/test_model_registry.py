@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError
@@ -65,6 +66,26 @@ def _gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
         timeout=120,
         check=False,
     )
+
+
+def _send_chest(served: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """Send a chest study; its API record once its processing job is done."""
+    ds = f.chest_radiograph(study_uid=generate_uid(), series_uid=generate_uid())
+    path = f.save(ds, tmp_path / f"{ds.SOPInstanceUID}.dcm")
+    assert send_file(int(served["env"]["GATEWAY_DICOM__PORT"]), path, calling="MODALITY") == 0
+    headers = bearer(served["env"], "admin")
+
+    def reported() -> dict[str, Any] | None:
+        rsp = httpx.get(f"{served['url']}/api/studies/{ds.StudyInstanceUID}", headers=headers, timeout=10)
+        if rsp.status_code != 200:
+            return None
+        study: dict[str, Any] = rsp.json()
+        models = {r["model"] for r in study["reports"]}
+        done = any(j["kind"] == "process_study" and j["status"] == "done" for j in study["jobs"])
+        return study if {"pneumonia", "covid19"} <= models and done else None
+
+    found: dict[str, Any] = wait_for("both chest reports", reported, timeout=90)
+    return found
 
 
 def _pneumonia_version(served: dict[str, Any], tmp_path: Path) -> str:
@@ -123,6 +144,32 @@ def test_promotion_takes_effect_without_a_restart(served: dict[str, Any], tmp_pa
     assert actions == ["model.register", "model.promote"] and shown["history"][1]["reason"] == "forced: test"
     active_again = _gateway(env, "models", "retire", "pneumonia", NEW_VERSION)
     assert active_again.returncode == 1 and "active version" in active_again.stderr
+
+
+def test_a_shadow_version_is_stored_never_reported(served: dict[str, Any], tmp_path: Path) -> None:
+    env = served["env"]
+    shadow = tmp_path / "covid-shadow"
+    shutil.copytree(served["bundles"] / "covid19", shadow)
+    meta = json.loads((shadow / "model.json").read_text())
+    meta["version"] = "0.0.9-shadow"
+    (shadow / "model.json").write_text(json.dumps(meta))
+    assert _gateway(env, "models", "add", str(shadow)).returncode == 0
+    started = _gateway(env, "models", "shadow", "covid19", "0.0.9-shadow")
+    assert started.returncode == 0, started.stderr
+
+    study = _send_chest(served, tmp_path)
+    covid = [r for r in study["reports"] if r["model"] == "covid19"]
+    assert covid and all(r["version"] != "0.0.9-shadow" for r in covid)
+    assert all(p["version"] != "0.0.9-shadow" for p in study["predictions"])
+    shadowed = study["shadow_predictions"]
+    assert shadowed and {p["model"] for p in shadowed} == {"covid19"}
+    assert {p["version"] for p in shadowed} == {"0.0.9-shadow"}
+    assert {p["finding"] for p in shadowed if p["assessable"]} <= {"covid19", "viral_pneumonia"}
+    # the PACS got the active versions' SRs only
+    pacs = [pydicom.dcmread(p, stop_before_pixels=True) for p in (served["root"] / "pacs").glob("*")]
+    mine = [ds for ds in pacs if ds.StudyInstanceUID == study["study_instance_uid"]]
+    assert mine and not any(b"0.0.9-shadow" in p.read_bytes() for p in (served["root"] / "pacs").glob("*"))
+    assert _gateway(env, "models", "retire", "covid19", "0.0.9-shadow").returncode == 0
 
 
 def test_registry_over_the_api_is_for_admins(served: dict[str, Any]) -> None:

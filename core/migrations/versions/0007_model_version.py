@@ -1,4 +1,4 @@
-"""model_version: the model registry (one active version per model)
+"""model_version: the model registry (one active version per model); prediction.shadow
 
 Revision ID: 0007
 Revises: 0006
@@ -45,9 +45,13 @@ def upgrade() -> None:
         sqlite_where=sa.text("status = 'active'"),
         postgresql_where=sa.text("status = 'active'"),
     )
+    with op.batch_alter_table("prediction") as batch:
+        batch.add_column(sa.Column("shadow", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
+    with op.batch_alter_table("prediction") as batch:
+        batch.drop_column("shadow")
     op.drop_index("uq_model_version_active", table_name="model_version")
     op.drop_table("model_version")

@@ -12,9 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import ReadSessionDep, SessionDep
 from api.security import require
 from core.accounts import Principal
+from core.agreement import performance
 from core.model_versions import RegistryError, set_status, versions
 
 AdminDep = Annotated[Principal, Depends(require("admin"))]
+ReaderDep = Annotated[Principal, Depends(require("studies:read"))]
 
 router = APIRouter(tags=["models"])
 
@@ -70,3 +72,14 @@ def change_status(
         raise HTTPException(409 if "active version" in str(exc) else 404, str(exc)) from None
     session.commit()
     return ModelVersionOut.model_validate(row, from_attributes=True)
+
+
+@router.get("/api/models/{name}/performance")
+def model_performance(name: str, principal: ReaderDep, session: ReadSessionDep) -> dict[str, Any]:
+    """Live agreement with the radiologists, per version, from the latest review of every report: Cohen's
+    kappa; sensitivity, specificity, PPV, NPV ("any finding" positive) with Wilson 95 % intervals and
+    counts; confirmation and override rates; a weekly trend; each shadow version against the active answers
+    on the same images (core.agreement)."""
+    if name not in {v.name for v in versions(session)} and name not in ("glaucoma", "pneumonia", "covid19"):
+        raise HTTPException(404, f"no model {name}")
+    return performance(session, name)

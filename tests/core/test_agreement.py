@@ -1,0 +1,128 @@
+"""Live agreement (core.agreement and GET /api/models/{name}/performance) against a hand computation: six
+glaucoma studies decided by a radiologist, and a shadow version's predictions on three of them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.main import create_app
+from core.accounts import create_token, create_user
+from core.agreement import kappa, performance, wilson
+from core.db import transaction
+from core.decisions import Answer, report_images, save_review
+from core.settings import Settings
+from core.tables import Prediction, Report
+from tests.peers import free_port, wait_port
+from tests.review_rows import add_study
+
+#: (AI probability of glaucoma, the radiologist's label)
+CASES = [
+    (0.9, "glaucoma"),  # TP, confirmed
+    (0.9, "glaucoma"),  # TP, confirmed
+    (0.9, "no_glaucoma"),  # FP, corrected
+    (0.1, "no_glaucoma"),  # TN, confirmed
+    (0.1, "glaucoma"),  # FN, corrected
+    (0.1, "not_assessable"),  # left out of the decided images
+]
+#: shadow version 2.0 on cases 0, 2, 4: glaucoma, no glaucoma, glaucoma (all three right)
+SHADOW = {0: 0.8, 2: 0.2, 4: 0.8}
+
+
+def _seed(factory: sessionmaker[Session]) -> str:
+    with transaction(factory) as session:
+        user = create_user(
+            session, username="reader", role="radiologist", password="long enough pw", actor="t"
+        )
+        for n, (p, label) in enumerate(CASES):
+            study = add_study(session, models={"glaucoma": {"glaucoma": p}}, modality="OP")
+            report = session.query(Report).filter(Report.study_id == study.id).one()
+            (image,) = report_images(session, report)
+            reason = "blurred" if label == "not_assessable" else None
+            answer = Answer(sop_instance_uid=image.sop_instance_uid, label=label, reason=reason)
+            save_review(
+                session, report=report, user=user, answers=[answer], base_version=0, actor="user:reader"
+            )
+            if n in SHADOW:
+                q = SHADOW[n]
+                session.add(
+                    Prediction(
+                        study_id=study.id,
+                        instance_id=image.instance_id,
+                        model_name="glaucoma",
+                        model_version="2.0",
+                        finding="glaucoma",
+                        probability=q,
+                        threshold=0.42,
+                        label="present" if q >= 0.42 else "absent",
+                        assessable=True,
+                        shadow=True,
+                    )
+                )
+        _, token = create_token(session, user, [], days=1, actor="t")
+    return token
+
+
+def _check(result: dict[str, Any]) -> None:
+    (version,) = result["versions"]
+    assert version["version"] == "1.0.0" and version["images"] == 6 and version["decided"] == 5
+    assert version["counts"] == {"tp": 2, "fp": 1, "fn": 1, "tn": 1}
+    # po = 3/5, pe = (3*3 + 2*2)/25 = 13/25: kappa = (15/25 - 13/25) / (12/25) = 1/6
+    assert version["kappa"]["value"] == pytest.approx(1 / 6)
+    assert version["sensitivity"]["value"] == pytest.approx(2 / 3)
+    assert (version["sensitivity"]["low"], version["sensitivity"]["high"]) == pytest.approx(
+        (0.2077, 0.9385), abs=1e-4
+    )
+    assert version["specificity"]["value"] == pytest.approx(1 / 2)
+    assert version["ppv"]["value"] == pytest.approx(2 / 3) and version["npv"]["value"] == pytest.approx(1 / 2)
+    assert version["confirmation_rate"]["value"] == pytest.approx(3 / 6)
+    assert version["override_rate"]["value"] == pytest.approx(2 / 6)
+    assert sum(w["images"] for w in version["weekly"]) == 6
+    (shadow,) = result["shadow"]
+    assert shadow["version"] == "2.0" and shadow["images"] == 3
+    assert shadow["shadow"]["counts"] == {"tp": 2, "fp": 0, "fn": 0, "tn": 1}
+    assert shadow["active_on_the_same_images"]["counts"] == {"tp": 1, "fp": 1, "fn": 1, "tn": 0}
+
+
+def test_figures_equal_a_hand_computation(factory: sessionmaker[Session]) -> None:
+    _seed(factory)
+    with factory() as session:
+        _check(performance(session, "glaucoma"))
+
+
+@pytest.fixture
+def server(factory: sessionmaker[Session], tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    app = create_app(factory, Settings(data_dir=tmp_path / "var"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_port(port, 30)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_endpoint_answers_the_same(factory: sessionmaker[Session], server: str) -> None:
+    token = _seed(factory)
+    headers = {"Authorization": f"Bearer {token}"}
+    response = httpx.get(f"{server}/api/models/glaucoma/performance", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    _check(response.json())
+    assert httpx.get(f"{server}/api/models/glaucoma/performance", timeout=30).status_code == 401
+    assert (
+        httpx.get(f"{server}/api/models/nosuch/performance", headers=headers, timeout=30).status_code == 404
+    )
+
+
+def test_kappa_and_wilson_edges() -> None:
+    assert kappa([])["value"] is None and wilson(0, 0)["value"] is None
+    assert kappa([("a", "a"), ("a", "a")])["value"] is None  # one label on both sides
+    assert kappa([("a", "a"), ("b", "b")])["value"] == pytest.approx(1.0)

@@ -45,13 +45,13 @@ def upgrade() -> None:
         sqlite_where=sa.text("status = 'active'"),
         postgresql_where=sa.text("status = 'active'"),
     )
-    with op.batch_alter_table("prediction") as batch:
-        batch.add_column(sa.Column("shadow", sa.Boolean(), nullable=False, server_default=sa.false()))
+    # a plain ADD COLUMN, not a batch copy: on SQLite a batch would recreate prediction, and dropping the old
+    # table would cascade into review_finding (foreign keys are on)
+    op.add_column("prediction", sa.Column("shadow", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
-    with op.batch_alter_table("prediction") as batch:
-        batch.drop_column("shadow")
+    op.drop_column("prediction", "shadow")  # SQLite 3.35+: ALTER TABLE DROP COLUMN, no table copy
     op.drop_index("uq_model_version_active", table_name="model_version")
     op.drop_table("model_version")

@@ -22,7 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core.db import transaction
-from core.domain import ImageResult, InstanceRef
+from core.domain import ImageResult, InstanceRef, ModelInfo
 from core.encoding import describe, printable
 from core.jobs import DELIVER, RENDER_STUDY, ClaimedJob, PermanentError, enqueue
 from core.tables import (
@@ -136,29 +136,7 @@ def _run_shadow(
                     Prediction.shadow.is_(True),
                 )
             )
-            for result in results:
-                common = dict(
-                    study_id=study_id,
-                    instance_id=by_sop[result.instance.sop_instance_uid],
-                    job_id=job.id,
-                    model_name=info.name,
-                    model_version=info.version,
-                    assessable=result.assessable,
-                    reason=printable(result.reason, 255) if result.reason else None,
-                    shadow=True,
-                )
-                if not result.assessable:
-                    session.add(Prediction(**common))
-                for finding in result.findings:
-                    session.add(
-                        Prediction(
-                            **common,
-                            finding=finding.name,
-                            probability=finding.probability,
-                            threshold=finding.threshold,
-                            label=finding.label,
-                        )
-                    )
+            session.add_all(_predictions(results, study_id, by_sop, job.id, info, shadow=True))
     except Exception:
         log.exception("study %s: shadow model %s %s failed", study_uid, info.name, info.version)
         return
@@ -262,29 +240,7 @@ def _report_model(
         )
         session.add(report)
         session.flush()
-        for result in results:
-            common = dict(
-                study_id=study_id,
-                instance_id=by_sop[result.instance.sop_instance_uid],
-                report_id=report.id,
-                job_id=job.id,
-                model_name=model.info.name,
-                model_version=model.info.version,
-                assessable=result.assessable,
-                reason=printable(result.reason, 255) if result.reason else None,
-            )
-            if not result.assessable:
-                session.add(Prediction(**common))
-            for finding in result.findings:
-                session.add(
-                    Prediction(
-                        **common,
-                        finding=finding.name,
-                        probability=finding.probability,
-                        threshold=finding.threshold,
-                        label=finding.label,
-                    )
-                )
+        session.add_all(_predictions(results, study_id, by_sop, job.id, model.info, report_id=report.id))
         _ensure_deliveries(rt, session, report)
         for capture_uid, capture_series, capture_path in captures:
             capture = Report(
@@ -327,6 +283,45 @@ def _report_model(
         uid,
         len(refs),
     )
+
+
+def _predictions(
+    results: list[ImageResult],
+    study_id: int,
+    by_sop: dict[str, int],
+    job_id: int,
+    info: ModelInfo,
+    *,
+    report_id: int | None = None,
+    shadow: bool = False,
+) -> list[Prediction]:
+    """The rows of one model's results: one per finding, or one saying why an image was not assessable."""
+    rows = []
+    for result in results:
+        common = dict(
+            study_id=study_id,
+            instance_id=by_sop[result.instance.sop_instance_uid],
+            report_id=report_id,
+            job_id=job_id,
+            model_name=info.name,
+            model_version=info.version,
+            assessable=result.assessable,
+            reason=printable(result.reason, 255) if result.reason else None,
+            shadow=shadow,
+        )
+        if not result.assessable:
+            rows.append(Prediction(**common))
+        rows += [
+            Prediction(
+                **common,
+                finding=f.name,
+                probability=f.probability,
+                threshold=f.threshold,
+                label=f.label,
+            )
+            for f in result.findings
+        ]
+    return rows
 
 
 def _unreportable(results: list[ImageResult], sop_uid: str, reason: str) -> list[ImageResult]:

@@ -308,3 +308,19 @@ def orthanc_server(
             yield http_port, dicom_port
         finally:
             stop(proc)
+
+
+def gateway_command(
+    env: dict[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``gateway ARGS`` as a subprocess with the GATEWAY_* settings ``env`` (the rest of the environment
+    kept); its output as text, never raising on a failure exit."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=REPO,
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -20,6 +20,20 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def _prediction(p: Prediction, instances: dict[int, Instance]) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": instances[p.instance_id].sop_instance_uid if p.instance_id in instances else None,
+        "model": p.model_name,
+        "version": p.model_version,
+        "finding": p.finding,
+        "probability": p.probability,
+        "threshold": p.threshold,
+        "label": p.label,
+        "assessable": p.assessable,
+        "reason": p.reason,
+    }
+
+
 def _study_summary(study: Study, instance_count: int) -> dict[str, Any]:
     return {
         "study_instance_uid": study.study_instance_uid,
@@ -132,41 +146,9 @@ def get_study(study_uid: str, session: SessionDep) -> dict[str, Any]:
             }
             for j in jobs
         ],
-        "predictions": [
-            {
-                "sop_instance_uid": instances[p.instance_id].sop_instance_uid
-                if p.instance_id in instances
-                else None,
-                "model": p.model_name,
-                "version": p.model_version,
-                "finding": p.finding,
-                "probability": p.probability,
-                "threshold": p.threshold,
-                "label": p.label,
-                "assessable": p.assessable,
-                "reason": p.reason,
-            }
-            for p in predictions
-            if not p.shadow
-        ],
+        "predictions": [_prediction(p, instances) for p in predictions if not p.shadow],
         # versions in shadow mode: stored to compare with the active one, never the result
-        "shadow_predictions": [
-            {
-                "sop_instance_uid": instances[p.instance_id].sop_instance_uid
-                if p.instance_id in instances
-                else None,
-                "model": p.model_name,
-                "version": p.model_version,
-                "finding": p.finding,
-                "probability": p.probability,
-                "threshold": p.threshold,
-                "label": p.label,
-                "assessable": p.assessable,
-                "reason": p.reason,
-            }
-            for p in predictions
-            if p.shadow
-        ],
+        "shadow_predictions": [_prediction(p, instances) for p in predictions if p.shadow],
         "reports": [
             {
                 "sop_instance_uid": r.sop_instance_uid,

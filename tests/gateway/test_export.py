@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import pydicom
 import pytest
 
 from tests.accounts import bearer
-from tests.peers import REPO
+from tests.peers import gateway_command
 from tests.reporting.dciodvfy import dciodvfy
 from tests.review_site import Site, review_site
 
@@ -82,18 +80,6 @@ def _decide_all(site: Site) -> None:
     _decide(site, "fundus", "glaucoma", lambda image, m: image["ai_label"])
 
 
-def _gateway(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=REPO,
-        env={**site.env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def _source_values(site: Site) -> set[str]:
     """What no exported byte may contain: the sent studies' names, accession numbers, UIDs and dates."""
     values = {
@@ -111,14 +97,14 @@ def _source_values(site: Site) -> set[str]:
 
 
 def test_dicom_export_is_clean_and_verifies(site: Site, tmp_path: Path) -> None:
-    dry = _gateway(site, "export", "--dry-run", "--decision", "any")
+    dry = gateway_command(site.env, "export", "--dry-run", "--decision", "any")
     assert dry.returncode == 0, dry.stderr
     assert "5 images would be exported" in dry.stdout  # chest 1+1, chest2 2, fundus 1
     confirmed = [d for d in DECIDED if d[1] == d[2] != "not_assessable"]
     assert confirmed, DECIDED
 
     out = tmp_path / "dicom-export"
-    done = _gateway(site, "export", "--out", str(out), "--images", "dicom", "--format", "jsonl")
+    done = gateway_command(site.env, "export", "--out", str(out), "--images", "dicom", "--format", "jsonl")
     assert done.returncode == 0, done.stderr
     # confirmed only (the default)
     assert f"{len(confirmed)} rows, {len(confirmed)} images" in done.stdout
@@ -138,7 +124,7 @@ def test_dicom_export_is_clean_and_verifies(site: Site, tmp_path: Path) -> None:
         # the test studies lack a few Type 2 attributes the sources lack too; nothing new may appear
         assert not [e for e in errors if "PatientBirthDate" in e or "Deidentification" in e], errors
 
-    check = _gateway(site, "export", "--verify", str(out))
+    check = gateway_command(site.env, "export", "--verify", str(out))
     assert check.returncode == 0 and "0 problems" in check.stdout, check.stdout
 
     leaky = pydicom.dcmread(files[0])  # its source is one of the three studies: put back all their accessions
@@ -146,7 +132,7 @@ def test_dicom_export_is_clean_and_verifies(site: Site, tmp_path: Path) -> None:
     leaky.StudyID = "ACC-EYE"
     leaky.PatientComments = "ACC-TWO"
     leaky.save_as(files[0])
-    check = _gateway(site, "export", "--verify", str(out))
+    check = gateway_command(site.env, "export", "--verify", str(out))
     assert check.returncode == 1
     assert "AccessionNumber value 'ACC-" in check.stdout, check.stdout
 
@@ -179,7 +165,7 @@ def test_png_zip_over_the_api_for_the_data_role(site: Site, tmp_path: Path) -> N
     assert len(pngs) == len(manifest)
     for value in _source_values(site):
         assert value.encode() not in everything, value
-    check = _gateway(site, "export", "--verify", str(archive))
+    check = gateway_command(site.env, "export", "--verify", str(archive))
     assert check.returncode == 0, check.stdout
 
     listed = httpx.get(site.url + "/api/exports", headers=data_team, timeout=30).json()

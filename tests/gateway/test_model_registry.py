@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from core.model_versions import Bundle, add, find
 from tests import factories as f
 from tests.accounts import bearer, database_url
 from tests.inference.tiny_models import make_tiny_bundles
-from tests.peers import REPO, free_port, gateway_serve, send_file, storescp, wait_for
+from tests.peers import free_port, gateway_command, gateway_serve, send_file, storescp, wait_for
 
 pytestmark = [pytest.mark.e2e]
 
@@ -54,18 +52,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             "bundles": bundles,
             "url": f"http://127.0.0.1:{env['GATEWAY_HTTP__PORT']}",
         }
-
-
-def _gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=REPO,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def _send_chest(served: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
@@ -108,7 +94,7 @@ def _pneumonia_version(served: dict[str, Any], tmp_path: Path) -> str:
 
 def test_promotion_takes_effect_without_a_restart(served: dict[str, Any], tmp_path: Path) -> None:
     env = served["env"]
-    listed = _gateway(env, "models", "list")
+    listed = gateway_command(env, "models", "list")
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()]
     configured = {r[0]: r for r in rows if r[3] == "configured"}
@@ -122,27 +108,28 @@ def test_promotion_takes_effect_without_a_restart(served: dict[str, Any], tmp_pa
     meta = json.loads((candidate / "model.json").read_text())
     meta["version"] = NEW_VERSION
     (candidate / "model.json").write_text(json.dumps(meta))
-    added = _gateway(env, "models", "add", str(candidate))
+    added = gateway_command(env, "models", "add", str(candidate))
     assert added.returncode == 0, added.stderr
     assert f"pneumonia {NEW_VERSION}: candidate" in added.stdout
     installed = Path(env["GATEWAY_DATA_DIR"]) / "models" / "pneumonia" / NEW_VERSION
     assert (installed / "model.json").is_file()
 
-    refused = _gateway(env, "models", "promote", "pneumonia", NEW_VERSION)
+    refused = gateway_command(env, "models", "promote", "pneumonia", NEW_VERSION)
     assert refused.returncode == 2 and "gate" in refused.stderr
-    assert _gateway(env, "models", "promote", "pneumonia", NEW_VERSION, "--force").returncode == 2
-    done = _gateway(env, "models", "promote", "pneumonia", NEW_VERSION, "--force", "--reason", "test")
+    assert gateway_command(env, "models", "promote", "pneumonia", NEW_VERSION, "--force").returncode == 2
+    done = gateway_command(env, "models", "promote", "pneumonia", NEW_VERSION, "--force", "--reason", "test")
     assert done.returncode == 0, done.stderr
 
     assert _pneumonia_version(served, tmp_path) == NEW_VERSION  # the same worker process, no restart
     status = {
-        tuple(r[:3]) for r in (line.split() for line in _gateway(env, "models", "list").stdout.splitlines())
+        tuple(r[:3])
+        for r in (line.split() for line in gateway_command(env, "models", "list").stdout.splitlines())
     }
     assert ("pneumonia", NEW_VERSION, "active") in status and ("pneumonia", old, "retired") in status
-    shown = json.loads(_gateway(env, "models", "show", "pneumonia", NEW_VERSION).stdout)
+    shown = json.loads(gateway_command(env, "models", "show", "pneumonia", NEW_VERSION).stdout)
     actions = [h["action"] for h in shown["history"]]
     assert actions == ["model.register", "model.promote"] and shown["history"][1]["reason"] == "forced: test"
-    active_again = _gateway(env, "models", "retire", "pneumonia", NEW_VERSION)
+    active_again = gateway_command(env, "models", "retire", "pneumonia", NEW_VERSION)
     assert active_again.returncode == 1 and "active version" in active_again.stderr
 
 
@@ -153,8 +140,8 @@ def test_a_shadow_version_is_stored_never_reported(served: dict[str, Any], tmp_p
     meta = json.loads((shadow / "model.json").read_text())
     meta["version"] = "0.0.9-shadow"
     (shadow / "model.json").write_text(json.dumps(meta))
-    assert _gateway(env, "models", "add", str(shadow)).returncode == 0
-    started = _gateway(env, "models", "shadow", "covid19", "0.0.9-shadow")
+    assert gateway_command(env, "models", "add", str(shadow)).returncode == 0
+    started = gateway_command(env, "models", "shadow", "covid19", "0.0.9-shadow")
     assert started.returncode == 0, started.stderr
 
     study = _send_chest(served, tmp_path)
@@ -165,11 +152,22 @@ def test_a_shadow_version_is_stored_never_reported(served: dict[str, Any], tmp_p
     assert shadowed and {p["model"] for p in shadowed} == {"covid19"}
     assert {p["version"] for p in shadowed} == {"0.0.9-shadow"}
     assert {p["finding"] for p in shadowed if p["assessable"]} <= {"covid19", "viral_pneumonia"}
+
     # the PACS got the active versions' SRs only
-    pacs = [pydicom.dcmread(p, stop_before_pixels=True) for p in (served["root"] / "pacs").glob("*")]
-    mine = [ds for ds in pacs if ds.StudyInstanceUID == study["study_instance_uid"]]
-    assert mine and not any(b"0.0.9-shadow" in p.read_bytes() for p in (served["root"] / "pacs").glob("*"))
-    assert _gateway(env, "models", "retire", "covid19", "0.0.9-shadow").returncode == 0
+    def at_pacs() -> list[Path]:
+        found = []
+        for path in (served["root"] / "pacs").glob("*"):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:
+                continue
+            if ds.StudyInstanceUID == study["study_instance_uid"]:
+                found.append(path)
+        return found
+
+    wait_for("both chest SRs at the PACS", lambda: len(at_pacs()) >= 2, 60)
+    assert not any(b"0.0.9-shadow" in p.read_bytes() for p in (served["root"] / "pacs").glob("*"))
+    assert gateway_command(env, "models", "retire", "covid19", "0.0.9-shadow").returncode == 0
 
 
 def test_registry_over_the_api_is_for_admins(served: dict[str, Any]) -> None:

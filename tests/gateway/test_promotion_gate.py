@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -19,7 +17,7 @@ from inference.model import assess
 from inference.preprocess import load_any
 from tests import factories as f
 from tests.inference.tiny_models import make_tiny_bundles
-from tests.peers import REPO
+from tests.peers import gateway_command
 
 IMAGES = 40
 
@@ -36,18 +34,6 @@ def _own_median_threshold(bundle: Path, images: list[np.ndarray]) -> list[float]
     meta["outputs"][0]["threshold"] = float(np.median(probabilities))
     (bundle / "model.json").write_text(json.dumps(meta))
     return probabilities
-
-
-def _gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=REPO,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_better_candidate_promoted_worse_refused(tmp_path: Path) -> None:
@@ -78,28 +64,30 @@ def test_better_candidate_promoted_worse_refused(tmp_path: Path) -> None:
         "GATEWAY_INFERENCE__EVALUATION_SETS": json.dumps({"pneumonia": str(evaluation)}),
     }
     for bundle in (a, b, c):
-        assert _gateway(env, "models", "add", str(bundle)).returncode == 0
-    first = _gateway(env, "models", "promote", "pneumonia", "1.0-a", "--force", "--reason", "first version")
+        assert gateway_command(env, "models", "add", str(bundle)).returncode == 0
+    first = gateway_command(
+        env, "models", "promote", "pneumonia", "1.0-a", "--force", "--reason", "first version"
+    )
     assert first.returncode == 0, first.stderr
 
-    better = _gateway(env, "models", "promote", "pneumonia", "1.1-b")
+    better = gateway_command(env, "models", "promote", "pneumonia", "1.1-b")
     assert better.returncode == 0, better.stdout + better.stderr
     assert "PASSED" in better.stdout and "DeLong" in better.stdout
     assert "active 1.0-a" in better.stdout and "candidate 1.1-b: 1.0000" in better.stdout  # B's AUC is 1
 
-    worse = _gateway(env, "models", "promote", "pneumonia", "1.2-c")
+    worse = gateway_command(env, "models", "promote", "pneumonia", "1.2-c")
     assert worse.returncode == 1
     assert "REFUSED" in worse.stdout and "is not higher than the active model's 1.0000" in worse.stdout
 
-    listed = {tuple(line.split()[:3]) for line in _gateway(env, "models", "list").stdout.splitlines()}
+    listed = {tuple(line.split()[:3]) for line in gateway_command(env, "models", "list").stdout.splitlines()}
     assert {
         ("pneumonia", "1.1-b", "active"),
         ("pneumonia", "1.0-a", "retired"),
         ("pneumonia", "1.2-c", "candidate"),
     } <= listed
-    shown = json.loads(_gateway(env, "models", "show", "pneumonia", "1.1-b").stdout)
+    shown = json.loads(gateway_command(env, "models", "show", "pneumonia", "1.1-b").stdout)
     gate = shown["metrics"]["gate"]
     assert gate["candidate"]["auc"] == pytest.approx(1.0) and gate["test"]["name"] == "DeLong"
     assert gate["active"]["auc"] < 1.0 and 0 <= gate["test"]["p"] <= 1
-    refused = json.loads(_gateway(env, "models", "show", "pneumonia", "1.2-c").stdout)["history"]
+    refused = json.loads(gateway_command(env, "models", "show", "pneumonia", "1.2-c").stdout)["history"]
     assert [h["action"] for h in refused] == ["model.register", "model.promote_refused"]

@@ -202,6 +202,15 @@ class WorkerSettings(BaseModel):
     #: CPU priority (nice increment, 0-19) of each worker process: on a busy host the DICOM listener and
     #: the HTTP API run first, so modalities are acknowledged at full speed while inference catches up.
     nice: int = Field(10, ge=0, le=19)
+    #: Threads each worker process gives its numeric libraries (NumPy's BLAS, OpenCV, LiteRT). Parallelism
+    #: comes from the worker processes; more threads per process only oversubscribe the cores (BLAS and
+    #: LiteRT threads spin while they wait: measured at 5 studies/s on 2 cores, 2 threads per process cost
+    #: more than the work itself in the gates' matrix products). 0: the libraries' defaults.
+    compute_threads: int = Field(1, ge=0, le=64)
+    #: Delivery lanes per worker process: threads beside the main loop that take only deliveries, verified
+    #: reports and Orthanc pulls (jobs that mostly wait on the network), so an SR goes out while the main
+    #: loop runs the next study, and a slow PACS never holds up inference. 0: the main loop does everything.
+    delivery_lanes: int = Field(1, ge=0, le=16)
     #: While this host stores instances faster than this (MB/s over the last second: several modalities or
     #: a PACS pushing at once), workers start no inference or rendering job, so the senders get the CPU and
     #: are acknowledged at full speed; deliveries and verified reports still go. 0: never hold back.

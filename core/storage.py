@@ -90,10 +90,12 @@ class Storage:
             raise InvalidUID(f"path escapes the storage root: {relative!r}")
         return path
 
-    def write_bytes(self, relative: str, data: bytes | memoryview) -> Path:
-        """Durably write ``data`` to ``relative``; returns the absolute path."""
+    def write_bytes(self, relative: str, data: bytes | memoryview, *, durable: bool = True) -> Path:
+        """Write ``data`` to ``relative`` atomically, durably unless ``durable`` is False (derived files
+        that are drawn again when missing: no fsync, which costs more than drawing them); returns the
+        absolute path."""
         target = self.absolute(relative)
-        return write_atomic(target, data, tmp_dir=self.tmp_dir)
+        return write_atomic(target, data, tmp_dir=self.tmp_dir, durable=durable)
 
     def adopt(self, relative: str, source: Path) -> Path:
         """Durably move the complete file ``source`` to ``relative`` (as :meth:`write_bytes` would write it):
@@ -132,11 +134,14 @@ class Storage:
         return os.fdopen(fd, "w+b"), Path(name)
 
 
-def write_atomic(target: Path, data: bytes | memoryview, *, tmp_dir: Path | None = None) -> Path:
+def write_atomic(
+    target: Path, data: bytes | memoryview, *, tmp_dir: Path | None = None, durable: bool = True
+) -> Path:
     """Write ``data`` to ``target`` so that readers see the old file or the whole new one, never a part.
 
     Temp file (in ``tmp_dir``, default the target's folder; same file system), fsync, atomic rename, fsync of
-    the folder. Folders created on the way are fsynced into their parents too.
+    the folder. Folders created on the way are fsynced into their parents too. ``durable=False`` leaves
+    out the fsyncs: atomic for readers, but a power cut may lose the file.
     """
     created = _make_parents(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=tmp_dir or target.parent)
@@ -145,13 +150,15 @@ def write_atomic(target: Path, data: bytes | memoryview, *, tmp_dir: Path | None
             os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; PACS tools and backups read these files
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    for folder in [target.parent, *[c.parent for c in created]]:
-        _fsync_dir(folder)
+    if durable:
+        for folder in [target.parent, *[c.parent for c in created]]:
+            _fsync_dir(folder)
     return target
 
 

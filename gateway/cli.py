@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -214,22 +215,42 @@ def worker(
     ] = None,
 ) -> None:
     """Run one worker process (production: several, sharing the PostgreSQL job table)."""
-    from gateway.supervisor import die_with_parent, limit_memory, lower_priority
-    from gateway.worker import Worker
+    from gateway.supervisor import die_with_parent, limit_memory, limit_threads, lower_priority
 
     settings = _settings()
     if parent_pid is not None:
         die_with_parent(parent_pid)
+    limit_threads(settings.worker.compute_threads)  # before NumPy loads
     limit_memory(settings.worker.memory_limit_mb)
     lower_priority(settings.worker.nice)
+    from core.jobs import COMPUTE_KINDS, LIGHT_KINDS
+    from gateway.worker import Worker
+
     rt = _runtime(settings, migrate=False, ingests=False)  # serve's ingest temp files are not ours to remove
-    w = Worker(rt)
-    signal.signal(signal.SIGTERM, lambda *_: w.stop.set())
+    # With delivery lanes the main loop runs studies only: a report never waits behind a study, a study
+    # never behind a slow PACS.
+    main = Worker(rt, kinds=COMPUTE_KINDS if settings.worker.delivery_lanes else None)
+    lanes = [
+        Worker(rt, name=f"{main.id}:delivery{n}", kinds=LIGHT_KINDS, heartbeat=False)
+        for n in range(1, settings.worker.delivery_lanes + 1)
+    ]
+    threads = [threading.Thread(target=w.run_forever, name=w.id, daemon=True) for w in lanes]
+
+    def stop(*_: object) -> None:
+        for w in (main, *lanes):
+            w.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    for t in threads:
+        t.start()
     try:
-        w.run_forever()
+        main.run_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        stop()
+        for t in threads:
+            t.join(timeout=10)
         rt.close()
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import jobs
-from core.db import transaction, when_available
+from core.db import read_session, transaction, when_available
 from core.jobs import DELIVER, ClaimedJob, PermanentError, Retry
 from core.tables import Delivery, utcnow
 from gateway.runtime import Runtime
@@ -29,7 +29,7 @@ PROBE_SECONDS = 30.0
 
 def deliver(rt: Runtime, job: ClaimedJob) -> None:
     """C-STORE one report to one destination; classify the outcome into sent / retry / dead."""
-    with rt.factory() as session:
+    with read_session(rt.factory) as session:
         delivery = session.get(Delivery, job.payload["delivery_id"])
         if delivery is None:
             raise PermanentError("delivery row is gone")

@@ -22,6 +22,7 @@ from core.db import read_session
 from core.model_versions import Bundle
 from core.settings import Settings
 from inference.bundle import METADATA_FILE, TFLITE_FILE, BundleError, BundleModel
+from inference.model import Model
 from inference.registry import SHIPPED_DIR, ModelRegistry, bundle_dirs
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,13 @@ class LiveModels:
         """The versions of ``name`` in shadow mode, as of the last :meth:`current`."""
         with self._lock:
             return list(self._shadows.get(name, ()))
+
+    def version(self, name: str, version: str) -> Model | None:
+        """The loaded model of ``name`` at ``version`` (active, in shadow, or loaded before), else None."""
+        with self._lock:
+            current = self._current.get(name)
+            models: list[Model] = [*self._loaded.values(), *([current] if current is not None else [])]
+        return next((m for m in models if m.info.name == name and m.info.version == version), None)
 
     def _refresh(self) -> None:
         with read_session(self._factory) as session:

@@ -18,7 +18,7 @@ import pydicom
 from sqlalchemy import select
 
 from core import audit, labels
-from core.db import transaction
+from core.db import read_session, transaction
 from core.decisions import ImageQuestion, report_images
 from core.domain import InstanceRef, ModelInfo
 from core.jobs import ClaimedJob, PermanentError
@@ -49,7 +49,7 @@ VERIFIED_SERIES_OFFSET = 1
 def render_study(rt: Runtime, job: ClaimedJob) -> None:
     """Draw every image of the study's current AI reports once, and each model's heatmap on it."""
     study_uid = job.payload["study_instance_uid"]
-    with rt.factory() as session:
+    with read_session(rt.factory) as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
         if study is None:
             raise PermanentError(f"study {study_uid} not found")
@@ -77,6 +77,10 @@ def render_study(rt: Runtime, job: ClaimedJob) -> None:
 
 def _render_instance(rt: Runtime, ref: InstanceRef, models: list[tuple[str, str, bool]]) -> None:
     storage = rt.storage
+
+    def put(relative: str, data: bytes) -> None:  # derived files, drawn again when missing: no fsync
+        storage.write_bytes(relative, data, durable=False)
+
     meta_path = storage.rendition_path(ref.study_instance_uid, ref.sop_instance_uid, ".json")
     heatmaps = {
         m: storage.heatmap_path(ref.study_instance_uid, ref.sop_instance_uid, m, v)
@@ -89,7 +93,7 @@ def _render_instance(rt: Runtime, ref: InstanceRef, models: list[tuple[str, str,
         image = load_dicom_image(ref.path, limits=rt.settings.ingest)
     except (UnreadableImage, OSError) as exc:
         log.info("SOP instance %s: nothing to show (%s)", ref.sop_instance_uid, exc)
-        storage.write_bytes(meta_path, json.dumps({"error": f"image cannot be shown: {exc}"[:300]}).encode())
+        put(meta_path, json.dumps({"error": f"image cannot be shown: {exc}"[:300]}).encode())
         return
     meta: dict[str, Any] = {"source_width": int(image.shape[1]), "source_height": int(image.shape[0])}
     colour = image.ndim == 3
@@ -101,10 +105,10 @@ def _render_instance(rt: Runtime, ref: InstanceRef, models: list[tuple[str, str,
     else:
         encoded = _encode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         name = ".png"
-    storage.write_bytes(storage.rendition_path(ref.study_instance_uid, ref.sop_instance_uid, name), encoded)
+    put(storage.rendition_path(ref.study_instance_uid, ref.sop_instance_uid, name), encoded)
     thumb, _ = _fit(pixels, THUMB_SIDE)
     thumb_bgr = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR) if colour else thumb
-    storage.write_bytes(
+    put(
         storage.rendition_path(ref.study_instance_uid, ref.sop_instance_uid, ".thumb.jpg"),
         _encode(".jpg", thumb_bgr, [cv2.IMWRITE_JPEG_QUALITY, 85]),
     )
@@ -122,8 +126,10 @@ def _render_instance(rt: Runtime, ref: InstanceRef, models: list[tuple[str, str,
             }
         except Exception as exc:  # an illustration: a photograph it cannot read shows without it
             log.info("SOP instance %s: no optic disc (%s)", ref.sop_instance_uid, exc)
+    versions = {m: v for m, v, _ in models}
     for model_name, path in heatmaps.items():
-        model = rt.registry.get(model_name)
+        # the version that made the report (a promotion since may have changed the active one)
+        model = rt.models.version(model_name, versions[model_name]) or rt.registry.get(model_name)
         method = getattr(model, "heatmap", None)
         if method is None:
             continue
@@ -135,9 +141,9 @@ def _render_instance(rt: Runtime, ref: InstanceRef, models: list[tuple[str, str,
         if heat is None:
             continue
         small, _ = _fit(np.asarray(heat, dtype=np.float32), HEATMAP_SIDE)
-        storage.write_bytes(path, _encode(".png", np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), []))
+        put(path, _encode(".png", np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), []))
     # the metadata last: its presence says the rest is there
-    storage.write_bytes(meta_path, json.dumps(meta).encode())
+    put(meta_path, json.dumps(meta).encode())
 
 
 def _fit(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:

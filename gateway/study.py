@@ -21,7 +21,7 @@ from highdicom.sr import Comprehensive3DSR
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from core.db import transaction
+from core.db import read_session, transaction
 from core.domain import ImageResult, InstanceRef, ModelInfo
 from core.encoding import describe, printable
 from core.jobs import DELIVER, RENDER_STUDY, ClaimedJob, PermanentError, enqueue
@@ -54,7 +54,7 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
     """Route every series of the study, run each model on its input set and write one SR per model."""
     study_uid = job.payload["study_instance_uid"]
     registry = rt.registry  # the active versions, once for the whole study
-    with rt.factory() as session:
+    with read_session(rt.factory) as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
         if study is None:
             raise PermanentError(f"study {study_uid} not found")
@@ -431,7 +431,7 @@ def _write_captures(
 
 
 def _instances(rt: Runtime, sop_uids: list[str]) -> list[Instance]:
-    with rt.factory() as session:
+    with read_session(rt.factory) as session:
         return list(session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sop_uids))))
 
 

@@ -246,6 +246,23 @@ def lower_priority(increment: int) -> None:
             log.warning("cannot lower the worker's CPU priority: %s", exc)
 
 
+def limit_threads(n: int) -> None:
+    """Give NumPy's BLAS, OpenCV and LiteRT ``n`` threads each in this process (0 leaves their defaults).
+    Call before NumPy is first imported: OpenBLAS and OpenMP read their variables when they load."""
+    if n <= 0:
+        return
+    if "numpy" in sys.modules:
+        log.warning("worker threads: NumPy is loaded already, its BLAS keeps its own thread count")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import cv2
+
+    from inference.runners import set_threads
+
+    cv2.setNumThreads(n)
+    set_threads(n)
+
+
 def limit_memory(megabytes: int) -> None:
     """Cap this process's address space (RLIMIT_AS) at ``megabytes``; 0 leaves it unlimited. Past the cap an
     allocation fails (MemoryError, or a crash inside a C library) instead of the host running out."""

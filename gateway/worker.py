@@ -65,6 +65,9 @@ HOLDING_POLL_SECONDS = 0.5
 #: The heartbeat renews a lease every third of GATEWAY_WORKER__LEASE_SECONDS, but never more often than this.
 MIN_RENEW_SECONDS = 0.05
 
+#: A worker's heartbeat row shows a job once it has been running (or the worker idle) this long.
+JOB_SHOWN_AFTER = 0.5
+
 #: OSErrors that another attempt may not meet (resources of the machine, not the job's data).
 _TRANSIENT_ERRNOS = {
     errno.ENOSPC,
@@ -148,12 +151,15 @@ class _LeaseKeeper:
 
 class _Heartbeat:
     """The worker's ``worker_heartbeat`` row while its loop runs (``with``): refreshed by a daemon thread
-    every GATEWAY_WORKER__HEARTBEAT_SECONDS and as soon as the worker claims or finishes a job
-    (``current_job_id``), deleted when the loop stops cleanly. A worker that dies leaves a row that goes
-    stale: /readyz reads that as dead. A failed write (database briefly down) is logged and tried again at
-    the next beat."""
+    every GATEWAY_WORKER__HEARTBEAT_SECONDS and when the worker's current job (``current_job_id``) has
+    changed for :data:`JOB_SHOWN_AFTER`, deleted when the loop stops cleanly. A worker that dies leaves a
+    row that goes stale: /readyz reads that as dead. A failed write (database briefly down) is logged and
+    tried again at the next beat."""
 
-    def __init__(self, factory: sessionmaker[Session], worker_id: str, *, interval: float) -> None:
+    def __init__(
+        self, factory: sessionmaker[Session], worker_id: str, *, interval: float, enabled: bool = True
+    ) -> None:
+        self._enabled = enabled
         self._factory = factory
         self._worker_id = worker_id
         self._interval = interval
@@ -164,6 +170,8 @@ class _Heartbeat:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> _Heartbeat:
+        if not self._enabled:
+            return self
         self._started_at = utcnow()
         self._done.clear()
         self._beat()  # visible before its first claim
@@ -177,6 +185,8 @@ class _Heartbeat:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if not self._enabled:
+            return
         self._done.set()
         self._wake.set()
         if self._thread is not None:
@@ -199,15 +209,27 @@ class _Heartbeat:
 
     def _set_job(self, job_id: int | None) -> None:
         self._job_id = job_id
-        self._wake.set()  # the heartbeat thread writes it, off the worker's path
+        if self._enabled:
+            self._wake.set()  # the heartbeat thread writes it, off the worker's path
 
     def _run(self) -> None:
+        last = time.monotonic()
+        written = self._job_id
         while True:
-            self._wake.wait(self._interval)
+            woken = self._wake.wait(max(0.0, self._interval - (time.monotonic() - last)))
             self._wake.clear()
             if self._done.is_set():
                 return
+            if woken:
+                # A job started or ended: shown once the change has lasted JOB_SHOWN_AFTER, so a stream of
+                # short jobs (deliveries) costs no write per job, each a turn at the database's write lock.
+                if self._done.wait(JOB_SHOWN_AFTER):
+                    return
+                if self._job_id == written and time.monotonic() - last < self._interval:
+                    continue
+            written = self._job_id
             self._beat()
+            last = time.monotonic()
 
     def _beat(self) -> None:
         try:
@@ -222,12 +244,27 @@ class _Heartbeat:
 
 
 class Worker:
-    def __init__(self, rt: Runtime, *, name: str | None = None) -> None:
+    """One loop claiming jobs. ``kinds`` limits it to those job kinds (None: any), e.g. a worker process's
+    delivery lane that takes only :data:`LIGHT_KINDS`, so a C-STORE waiting on a PACS never holds up
+    inference and a long study never holds up a finished report."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        name: str | None = None,
+        kinds: tuple[str, ...] | None = None,
+        heartbeat: bool = True,
+    ) -> None:
         self.rt = rt
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        self.kinds = kinds
         self.stop = threading.Event()
         self._next_reconcile = 0.0
-        self._heartbeat = _Heartbeat(rt.factory, self.id, interval=rt.settings.worker.heartbeat_seconds)
+        # A lane beside a process's main loop keeps no row: the process is alive or not as its main loop is.
+        self._heartbeat = _Heartbeat(
+            rt.factory, self.id, interval=rt.settings.worker.heartbeat_seconds, enabled=heartbeat
+        )
         self._ingest = IngestRate(rt.settings.ingest_rate_dir)
         self._holding_since: float | None = None
         self._holding = False
@@ -236,15 +273,24 @@ class Worker:
     def run_once(self) -> bool:
         """One sweep and at most one job; True if a job ran."""
         settings = self.rt.settings
-        holding = self._holding = self.holds_back()
-        if not holding:  # while holding back, the jobs it would queue could not run: no write to compete
-            complete_studies(self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts)
-        self._reconcile()
+        light_only = self.kinds is not None and set(self.kinds) <= set(LIGHT_KINDS)
+        holding = self._holding = not light_only and self.holds_back()
+        # The sweep and the reconciler queue study jobs: a lane that cannot run them leaves them to one that
+        # can. While holding back, the jobs the sweep would queue could not run (no write to compete).
+        if self.kinds is None or PROCESS_STUDY in self.kinds:
+            if not holding:
+                complete_studies(
+                    self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts
+                )
+            self._reconcile()
+        kinds = self._claimable(holding)
+        if kinds == ():
+            return False
         job = jobs.claim(
             self.rt.factory,
             worker_id=self.id,
             lease_seconds=settings.worker.lease_seconds,
-            kinds=LIGHT_KINDS if holding else None,
+            kinds=kinds,
             max_takeovers=settings.worker.max_takeovers,
         )
         if job is None:
@@ -252,6 +298,12 @@ class Worker:
         with self._heartbeat.working_on(job.id):
             self._run(job)
         return True
+
+    def _claimable(self, holding: bool) -> tuple[str, ...] | None:
+        """The kinds this worker may claim now (None: any; empty: none)."""
+        if not holding:
+            return self.kinds
+        return tuple(k for k in self.kinds or LIGHT_KINDS if k in LIGHT_KINDS)
 
     def holds_back(self) -> bool:
         """True while this host stores faster than GATEWAY_WORKER__INGEST_FIRST_MB_PER_S and this worker has

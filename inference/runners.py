@@ -14,8 +14,15 @@ from typing import Any
 
 import numpy as np
 
-#: Interpreter threads per network (the worker machine has 2 cores).
+#: Interpreter threads per network (the worker machine has 2 cores); a worker process sets its own share
+#: with :func:`set_threads` before its first network loads.
 THREADS = 2
+
+
+def set_threads(n: int) -> None:
+    """Interpreter threads for the networks loaded from now on in this process."""
+    global THREADS
+    THREADS = max(1, n)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ Also the deterministic UIDs of those documents and an atomic writer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,8 +34,10 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import VR
 
 from core.domain import DECISION_SUPPORT_NOTICE, MANUFACTURER, Finding, ImageResult, ModelInfo
 from core.storage import write_atomic
@@ -71,11 +75,20 @@ def _device_uid(model: ModelInfo) -> str:
 
 
 def _algorithm(model: ModelInfo, finding: Finding | None = None) -> AlgorithmIdentification:
+    threshold = None if finding is None else finding.threshold
+    return _algorithm_of(model.algorithm_name, model.version, threshold)
+
+
+@functools.lru_cache(maxsize=256)
+def _algorithm_of(name: str, version: str, threshold: float | None) -> AlgorithmIdentification:
+    """TID 4019, built once per algorithm, version and threshold and shared by every group that cites it
+    (content items are written where they appear and never changed once built; building them is a good
+    part of a report's cost)."""
     parameters = None
-    if finding is not None:
-        parameters = [ourcodes.THRESHOLD_PARAMETER.format(threshold=finding.threshold)]
+    if threshold is not None:
+        parameters = [ourcodes.THRESHOLD_PARAMETER.format(threshold=threshold)]
     return AlgorithmIdentification(
-        name=model.algorithm_name, version=model.version, manufacturer=MANUFACTURER, parameters=parameters
+        name=name, version=version, manufacturer=MANUFACTURER, parameters=parameters
     )
 
 
@@ -106,19 +119,54 @@ def _image_library(sources: Sequence[pydicom.Dataset]) -> ContainerContentItem:
     )
     library.ContentSequence = ContentSequence()
     for src in sources:
-        image = ImageContentItem(
-            name=ourcodes.SOURCE,
-            referenced_sop_class_uid=src.SOPClassUID,
-            referenced_sop_instance_uid=src.SOPInstanceUID,
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-        image.ContentSequence = _EntryDescriptors(src)
-        group = ContainerContentItem(
-            name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
-        )
-        group.ContentSequence = ContentSequence([image])
+        key = (str(src.SOPInstanceUID), *(str(src.get(k, "")) for k in _DESCRIBED))
+        with _library_lock:
+            group = _library_groups.get(key)
+        if group is None:
+            group = _library_group(src)
+            with _library_lock:
+                _library_groups[key] = group
+                while len(_library_groups) > _LIBRARY_CACHE:
+                    del _library_groups[next(iter(_library_groups))]
         library.ContentSequence.append(group)
     return library
+
+
+#: Image Library Groups of the last images reported: the reports of every model of a study list the same
+#: images (shared as _algorithm_of shares its items). Keyed by the SOP Instance UID and every attribute
+#: the group is made of, so an instance received again with other values gets its own.
+_library_groups: dict[tuple[str, ...], ContainerContentItem] = {}
+_library_lock = threading.Lock()
+_LIBRARY_CACHE = 64
+_DESCRIBED = (
+    "SOPClassUID",
+    "Modality",
+    "FrameOfReferenceUID",
+    "Rows",
+    "Columns",
+    "PatientOrientation",
+    "ImagerPixelSpacing",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+)
+
+
+def _library_group(src: pydicom.Dataset) -> ContainerContentItem:
+    image = ImageContentItem(
+        name=ourcodes.SOURCE,
+        referenced_sop_class_uid=src.SOPClassUID,
+        referenced_sop_instance_uid=src.SOPInstanceUID,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    image.ContentSequence = _EntryDescriptors(src)
+    group = ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = ContentSequence([image])
+    return group
 
 
 def _check_finding(finding: Finding) -> None:
@@ -324,6 +372,25 @@ def build_report(
     return sr
 
 
+def _encode_once(ds: pydicom.Dataset) -> None:
+    """Resolve the ambiguous VRs of the whole tree once, and mark every dataset in it as already in the
+    encoding it will be written in (explicit VR little endian, its own character set).
+
+    pydicom's writer corrects ambiguous VRs in every dataset whose original encoding differs from the
+    output's, recursively, and does so again for each nested item as it writes it: for a tree built in
+    memory (no original encoding anywhere) that is once per level of nesting, most of the time of writing a
+    report. The bytes written are the same (tests/reporting/test_sr.py compares them).
+    """
+    correct_ambiguous_vr(ds, True)
+    todo = [ds]
+    while todo:
+        item = todo.pop()
+        item.set_original_encoding(False, True, item._character_set)  # what the writer compares with
+        for elem in item:
+            if elem.VR == VR.SQ:
+                todo.extend(elem.value)
+
+
 def write_report(ds: pydicom.Dataset, path: Path) -> Path:
     """Write ``ds`` atomically as a DICOM file (Part 10 header, explicit VR little endian).
 
@@ -335,6 +402,7 @@ def write_report(ds: pydicom.Dataset, path: Path) -> Path:
     if transfer_syntax is None or not transfer_syntax.is_compressed:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
+    _encode_once(ds)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return write_atomic(Path(path), buffer.getbuffer())

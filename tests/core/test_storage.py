@@ -1,4 +1,5 @@
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,29 @@ def test_durable_write_and_leftover_cleanup(tmp_path: Path) -> None:
     assert Storage(tmp_path / "s").prepare() == 1
     assert list(storage.tmp_dir.iterdir()) == []
     assert path.read_bytes() == b"DICM-bytes"
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_derived_files_skip_the_fsyncs_and_stay_atomic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    """Renditions (drawn again when missing) are written without fsync; instances and reports with."""
+    storage = Storage(tmp_path / "s")
+    storage.prepare()
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    rel = storage.rendition_path("1.2.3", "1.2.3.4", ".png")
+    storage.write_bytes(rel, b"old")
+    synced.clear()
+    path = storage.write_bytes(rel, b"new", durable=durable)
+    assert path.read_bytes() == b"new" and list(storage.tmp_dir.iterdir()) == []
+    assert (len(synced) > 0) is durable
 
 
 def test_absolute_refuses_escape(storage: Storage) -> None:

@@ -108,6 +108,23 @@ print([line for line in open("/proc/self/limits") if line.startswith("Max addres
     assert lines[1].split()[3:5] == [str(400 << 20)] * 2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_limit_reaches_blas_opencv_and_litert(threads: int) -> None:
+    """A worker process gives each numeric library its share of threads (GATEWAY_WORKER__COMPUTE_THREADS):
+    what the libraries report once loaded, in a fresh process as `gateway worker` starts."""
+    script = f"""
+from gateway.supervisor import limit_threads
+limit_threads({threads})
+import cv2, numpy, threadpoolctl
+from inference import runners
+blas = sorted(set(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"))
+print(blas, cv2.getNumThreads(), runners.THREADS)
+"""
+    proc = subprocess.run([PY, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == f"[{threads}] {threads} {threads}"
+
+
 def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
     child = (
         "import sys, time; from gateway.supervisor import die_with_parent; "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from core.domain import DECISION_SUPPORT_NOTICE, MANUFACTURER, Finding, ImageResult, ModelInfo
 from reporting import codes
+from reporting import sr as sr_module
 from reporting.sr import build_report, input_hash, report_series_uid, report_uid, write_report
 from tests.reporting.dciodvfy import assert_dciodvfy_clean
 from tests.reporting.factories import (
@@ -396,3 +399,62 @@ def test_every_finding_code_builds_a_valid_report(tmp_path: Path, finding: str) 
         series_instance_uid=report_series_uid(dx.StudyInstanceUID, model),
     )
     assert_dciodvfy_clean(write_report(sr, tmp_path / "sr.dcm"))
+
+
+def _pneumonia_report(study: dict[str, pydicom.Dataset], sources: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return build_report(
+        results=chest_results(study),
+        sources=sources,
+        model=PNEUMONIA,
+        sop_instance_uid="1.2.3.4",
+        series_instance_uid="1.2.3",
+    )
+
+
+def _written(ds: pydicom.Dataset, path: Path) -> bytes:
+    return write_report(ds, path).read_bytes()
+
+
+def test_shared_content_items_and_the_single_encoding_pass_change_no_byte(
+    tmp_path: Path, chest_study: dict[str, pydicom.Dataset]
+) -> None:
+    """Reports share the TID 4019 and Image Library items they have in common, and write_report resolves
+    the encoding once for the whole tree: the file is byte for byte what pydicom writes for a report built
+    from scratch with nothing shared."""
+    sources = list(chest_study.values())
+    sr_module._algorithm_of.cache_clear()
+    sr_module._library_groups.clear()
+    cold = _pneumonia_report(chest_study, sources)
+    plain = copy.deepcopy(cold)  # nothing marked as already encoded: pydicom's own path
+    plain.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    plain.save_as(buffer, enforce_file_format=True)
+    warm = _pneumonia_report(chest_study, sources)  # everything it can share comes from the caches
+    assert sr_module._algorithm_of.cache_info().hits > 0
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        setattr(warm, keyword, cold[keyword].value)  # built a moment later
+    equipment = zip(warm.ContributingEquipmentSequence, cold.ContributingEquipmentSequence, strict=True)
+    for mine, theirs in equipment:
+        if "ContributionDateTime" in theirs:
+            mine.ContributionDateTime = theirs.ContributionDateTime
+    assert _written(cold, tmp_path / "cold.dcm") == buffer.getvalue()
+    assert _written(warm, tmp_path / "warm.dcm") == buffer.getvalue()
+
+
+def test_an_instance_received_again_with_other_values_gets_its_own_library_entry(
+    tmp_path: Path, chest_study: dict[str, pydicom.Dataset]
+) -> None:
+    def library_rows(sr: pydicom.Dataset) -> set[float]:
+        return {
+            float(i.MeasuredValueSequence[0].NumericValue)
+            for i in walk(sr)
+            if meaning(i) == "Pixel Data Rows"
+        }
+
+    sources = list(chest_study.values())
+    before = library_rows(_pneumonia_report(chest_study, sources))
+    changed = copy.deepcopy(chest_study["dx"])  # same SOP Instance UID, other pixel matrix
+    changed.Rows = int(changed.Rows) + 7
+    again = [changed, *sources[1:]]
+    after = library_rows(_pneumonia_report({**chest_study, "dx": changed}, again))
+    assert int(chest_study["dx"].Rows) + 7 in after and int(chest_study["dx"].Rows) not in after - before

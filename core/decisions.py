@@ -166,11 +166,15 @@ def save_review(
     clinical: ClinicalData | None = None,
     actor: str,
     client: str | None = None,
+    band: float | None = None,
+    sample_share: float = 0.0,
 ) -> tuple[Review, bool]:
     """Record ``user``'s decision on ``report``; (the review, whether it is new).
 
     ``base_version`` is the version the reviewer saw (0: none). A newer one saved meanwhile is a conflict,
-    unless it is this very decision (a retried request), which is returned as it is.
+    unless it is this very decision (a retried request), which is returned as it is. ``band``: the
+    uncertain band the worklist case is tagged with (GATEWAY_REVIEW__UNCERTAIN_BAND), ``sample_share`` its
+    verification sample (GATEWAY_REVIEW__NEGATIVE_SAMPLE_SHARE).
     """
     study = session.get(Study, report.study_id)
     assert study is not None
@@ -235,7 +239,7 @@ def save_review(
             "flagged": flagged,
         },
     )
-    refresh_case(session, study.id)
+    refresh_case(session, study.id, band=band, sample_share=sample_share)
     return review, True
 
 

@@ -310,6 +310,10 @@ class ReviewSettings(BaseModel):
 
     #: A finding whose probability lies within this of its model's threshold is "uncertain" (shown first).
     uncertain_band: float = Field(0.1, ge=0, le=1)
+    #: Share of AI-negative cases (nothing present, nothing uncertain) drawn at random, by their Study
+    #: Instance UID, and listed first, marked "random check": reviews of AI-positive cases alone cannot
+    #: measure what the AI misses (verification bias). 0: none.
+    negative_sample_share: float = Field(0.05, ge=0, le=1)
     #: How long opening a case marks it as being reviewed by that user.
     claim_minutes: float = Field(15.0, gt=0)
     #: "Open in viewer" link, e.g. "https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}"

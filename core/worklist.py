@@ -9,11 +9,13 @@ comes first; then the oldest.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, distinct, exists, false, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, exists, false, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -59,7 +61,10 @@ class WorklistRow:
     modality: str | None
     received_at: datetime
     status: str  # one of STATUSES
-    priority: int  # 0: positive or uncertain, 1: the rest
+    priority: int  # 0: positive, uncertain or sampled, 1: the rest
+    #: An AI-negative case drawn at random for review (GATEWAY_REVIEW__NEGATIVE_SAMPLE_SHARE), so that the
+    #: reviews also measure what the AI missed (without them, sensitivity cannot be measured).
+    sampled: bool
     claimed_by: str | None
     claim_expires_at: datetime | None
     findings: list[dict[str, Any]]  # model, finding, label, probability, threshold, uncertain
@@ -92,8 +97,12 @@ def current_reports(session: Session, study_id: int) -> list[Report]:
     return sorted(latest.values(), key=lambda r: r.model_name)
 
 
-def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
-    """Rebuild the study's case from its current AI reports and their reviews (None: no AI report yet)."""
+def refresh_case(
+    session: Session, study_id: int, *, band: float | None = None, sample_share: float = 0.0
+) -> ReviewCase | None:
+    """Rebuild the study's case from its current AI reports and their reviews (None: no AI report yet).
+    With ``band`` (GATEWAY_REVIEW__UNCERTAIN_BAND) its tags also say which findings are uncertain; an
+    AI-negative case is drawn for review with probability ``sample_share`` (:func:`sample_draw`)."""
     reports = current_reports(session, study_id)
     if not reports:
         return None
@@ -119,11 +128,13 @@ def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
     )
     session.query(ReviewFinding).filter(ReviewFinding.case_id == item.id).delete()
     margins: list[float] = []
+    uncertain: list[tuple[str, str | None, float | None]] = []
     present = _present_by_image(predictions)
     for p in predictions:
         margin = _margin(p, present)
         if margin is not None:
             margins.append(margin)
+        uncertain.append((p.model_name, p.finding if p.assessable else None, margin))
         session.add(
             ReviewFinding(
                 case_id=item.id,
@@ -143,10 +154,17 @@ def refresh_case(session: Session, study_id: int) -> ReviewCase | None:
     item.modality = modality
     item.study_date = study.study_date or study.first_received_at.strftime("%Y%m%d")
     item.received_at = study.first_received_at
-    item.tags = encode_tags(session, case_tokens(predictions))
+    tokens = case_tokens(predictions)
+    if band is not None:
+        tokens |= uncertain_tokens(uncertain, band)
     item.ai_positive = any(p.assessable and p.label == "present" for p in predictions)
     item.margin = min(margins) if margins else None
     item.assessable = any(p.assessable for p in predictions)
+    uncertain_case = band is not None and item.margin is not None and item.margin <= band
+    negative = item.assessable and not item.ai_positive and not uncertain_case
+    if negative and sample_draw(study.study_instance_uid) < sample_share:
+        tokens.add(SAMPLED)
+    item.tags = encode_tags(session, tokens)
     latest_reviews = [
         session.scalars(
             select(Review).where(Review.report_id == r.id).order_by(Review.version.desc()).limit(1)
@@ -191,8 +209,9 @@ def _status_expr(now: datetime) -> Any:
     )
 
 
-def _priority_expr(band: float) -> Any:
-    return case((or_(ReviewCase.ai_positive.is_(True), ReviewCase.margin <= band), 0), else_=1)
+def _priority_expr(band: float, tags: Tags) -> Any:
+    first = or_(ReviewCase.ai_positive.is_(True), ReviewCase.margin <= band, tags.has(SAMPLED))
+    return case((first, 0), else_=1)
 
 
 def _finding_conditions(f: WorklistFilter, band: float) -> list[ColumnElement[bool]]:
@@ -234,6 +253,66 @@ def case_tokens(predictions: list[Prediction]) -> set[str]:
     return tokens
 
 
+#: The tag of an AI-negative case drawn for review (verification sample).
+SAMPLED = "sample=negative"
+
+
+def sample_draw(study_uid: str) -> float:
+    """A number in [0, 1) fixed by the Study Instance UID (SHA-256): the case is in the verification sample
+    while it is below the configured share, so the draw is random across studies, unrelated to anything the
+    model saw, and the same each time the case is rebuilt."""
+    digest = hashlib.sha256(f"negative-sample:{study_uid}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def band_token(band: float) -> str:
+    """The tag saying a case's uncertain tokens were computed with ``band``."""
+    return f"band={band!r}"
+
+
+def uncertain_tokens(findings: Iterable[tuple[str, str | None, float | None]], band: float) -> set[str]:
+    """Tokens for "uncertain" with a model and/or a finding, from (model, finding, margin) of each finding
+    (margin None: it does not count), and the band they were computed with. The band is a setting: a
+    case whose tags carry another band is looked at finding by finding (:func:`_uncertain_condition`)."""
+    tokens = {band_token(band)}
+    for model, finding, margin in findings:
+        if margin is None or margin > band or not finding:
+            continue
+        for model_part in (model, None):
+            for finding_part in (finding, None):
+                if model_part or finding_part:
+                    tokens.add(_token(model_part, finding_part, "uncertain"))
+    return tokens
+
+
+def _is_band_dependent(token: str) -> bool:
+    return token.startswith("band=") or token.endswith("l=uncertain")
+
+
+def retag_cases(session: Session, band: float, *, limit: int = 500) -> int:
+    """Give up to ``limit`` cases whose tags were computed with another band (or none) the uncertain tokens
+    of ``band``, from their findings; returns how many (0: every case is up to date)."""
+    tags = Tags(session)
+    current = tags.has(band_token(band))
+    cases = list(session.scalars(select(ReviewCase).where(~current).order_by(ReviewCase.id).limit(limit)))
+    if not cases:
+        return 0
+    by_case: dict[int, list[tuple[str, str | None, float | None]]] = {c.id: [] for c in cases}
+    rows = session.execute(
+        select(
+            ReviewFinding.case_id, ReviewFinding.model_name, ReviewFinding.finding, ReviewFinding.margin
+        ).where(ReviewFinding.case_id.in_(list(by_case)))
+    )
+    for case_id, model, finding, margin in rows:
+        by_case[case_id].append((model, finding, margin))
+    names = {number: token for token, number in tags.ids.items()}
+    for item in cases:
+        kept = {names[int(n)] for n in item.tags.strip(",").split(",") if n and int(n) in names}
+        tokens = {t for t in kept if not _is_band_dependent(t)} | uncertain_tokens(by_case[item.id], band)
+        item.tags = encode_tags(session, tokens)
+    return len(cases)
+
+
 def tag_ids(session: Session, tokens: set[str]) -> dict[str, int]:
     """The review_tag numbers of ``tokens``, adding the new ones (concurrent writers add each once)."""
     found = select(ReviewTag.token, ReviewTag.id).where(ReviewTag.token.in_(tokens))
@@ -260,30 +339,38 @@ class Tags:
     """The tag dictionary, read once per worklist query: a token as a condition on the case row."""
 
     def __init__(self, session: Session) -> None:
-        self._ids = dict(session.execute(select(ReviewTag.token, ReviewTag.id)).tuples().all())
+        self.ids = dict(session.execute(select(ReviewTag.token, ReviewTag.id)).tuples().all())
 
     def has(self, token: str) -> ColumnElement[bool]:
-        number = self._ids.get(token)
+        number = self.ids.get(token)
         return false() if number is None else ReviewCase.tags.like(f"%,{number},%")
 
 
-def _single_finding_condition(f: WorklistFilter, band: float, tags: Tags) -> ColumnElement[bool] | None:
-    """The model/finding/AI label filter as a condition on the case row alone; None when the findings must
-    be looked at one by one (uncertain together with a model or a finding: the band is a setting)."""
+def _single_finding_condition(f: WorklistFilter, band: float, tags: Tags) -> ColumnElement[bool]:
+    """The model/finding/AI label filter as a condition on the case row."""
     if f.ai_label == "uncertain":
-        return ReviewCase.margin <= band if not (f.model or f.finding) else None
+        if not (f.model or f.finding):
+            return ReviewCase.margin <= band
+        return _uncertain_condition(f, band, tags)
     return tags.has(_token(f.model, f.finding, f.ai_label))
+
+
+def _uncertain_condition(f: WorklistFilter, band: float, tags: Tags) -> ColumnElement[bool]:
+    """Uncertain with a model and/or a finding: the case's tag where its tags were computed with this band
+    (every case, once :func:`retag_cases` has run), else its findings one by one."""
+    current = tags.has(band_token(band))
+    by_findings = exists().where(ReviewFinding.case_id == ReviewCase.id, *_finding_conditions(f, band))
+    return or_(
+        and_(current, tags.has(_token(f.model, f.finding, "uncertain"))),
+        and_(~current, by_findings),
+    )
 
 
 def _finding_level(f: WorklistFilter, band: float, tags: Tags) -> ColumnElement[bool] | None:
     """The model/finding/AI label filter as one condition on a case (None: no such filter)."""
-    finding_conditions = _finding_conditions(f, band)
-    if not finding_conditions:
+    if not _finding_conditions(f, band):
         return None
-    single = _single_finding_condition(f, band, tags)
-    if single is not None:
-        return single
-    return exists().where(ReviewFinding.case_id == ReviewCase.id, *finding_conditions)
+    return _single_finding_condition(f, band, tags)
 
 
 def _case_conditions(f: WorklistFilter, band: float, now: datetime, tags: Tags) -> list[ColumnElement[bool]]:
@@ -318,7 +405,7 @@ def query_worklist(
     tags = Tags(session)
     conditions = _case_conditions(f, band, now, tags)
     status = _status_expr(now)
-    priority = _priority_expr(band)
+    priority = _priority_expr(band, tags)
     rows = session.execute(
         select(ReviewCase, Study.study_instance_uid, Study.accession_number, status, priority)
         .join(Study, Study.id == ReviewCase.study_id)
@@ -329,6 +416,7 @@ def query_worklist(
     ).all()
     total = session.scalar(select(func.count()).select_from(ReviewCase).where(*conditions)) or 0
     findings, summary = _findings_of(session, [r[0].id for r in rows], band)
+    sampled = tags.ids.get(SAMPLED)
     claimers = _claimers(session, [r[0] for r in rows])
     page = [
         WorklistRow(
@@ -339,6 +427,7 @@ def query_worklist(
             received_at=item.received_at,
             status=row_status,
             priority=row_priority,
+            sampled=sampled is not None and f",{sampled}," in item.tags,
             claimed_by=claimers.get(item.claimed_by_id) if row_status == "in_review" else None,
             claim_expires_at=item.claim_expires_at if row_status == "in_review" else None,
             findings=findings.get(item.id, []),
@@ -386,9 +475,7 @@ def _finding_facets(
     session: Session, f: WorklistFilter, *, band: float, now: datetime, tags: Tags
 ) -> dict[str, dict[str, int]]:
     """Cases per model, per finding and per AI label. Each value is counted as if chosen in place of that
-    facet's current value: one pass over the cases, each value a condition on the case row. Values that
-    combine "uncertain" with a model or a finding (the band is a setting, so no tag says it) are counted
-    from the uncertain findings instead, grouped, one query per facet."""
+    facet's current value: one pass over the cases, each value a condition on the case row."""
     pairs = session.execute(select(ReviewFinding.model_name, ReviewFinding.finding).distinct()).all()
     values = {
         "model": sorted({m for m, _ in pairs}),
@@ -397,40 +484,17 @@ def _finding_facets(
     }
     out: dict[str, dict[str, int]] = {facet: {} for facet in values}
     where = _case_conditions(replace(f, model=None, finding=None, ai_label=None), band, now, tags)
-    columns, keys, grouped = [], [], set()
+    columns, keys = [], []
     for facet, names in values.items():
         for name in names:
             chosen_value: dict[str, Any] = {facet: name}
-            chosen = replace(f, **chosen_value)
-            condition = _single_finding_condition(chosen, band, tags)
-            if condition is None:
-                grouped.add(facet)
-                continue
+            condition = _single_finding_condition(replace(f, **chosen_value), band, tags)
             columns.append(func.sum(case((condition, 1), else_=0)))
             keys.append((facet, name))
-    if columns:
-        row = session.execute(select(*columns).select_from(ReviewCase).where(*where)).one()
-        for (facet, name), n in zip(keys, row, strict=True):
-            if n:
-                out[facet][name] = int(n)
-    for facet in grouped:
-        by: Any = {"model": ReviewFinding.model_name, "finding": ReviewFinding.finding}.get(facet)
-        rest = replace(f, ai_label="uncertain")
-        if facet == "model":
-            rest = replace(rest, model=None)
-        elif facet == "finding":
-            rest = replace(rest, finding=None)
-        group = by if by is not None else literal("uncertain")
-        query = (
-            select(group, func.count(distinct(ReviewFinding.case_id)))
-            .join(ReviewCase, ReviewCase.id == ReviewFinding.case_id)
-            .where(*_finding_conditions(rest, band), ReviewCase.margin <= band, *where)
-        )
-        if by is not None:
-            query = query.group_by(by)
-        for name, n in session.execute(query):
-            if n and name is not None:
-                out[facet][str(name)] = int(n)
+    row = session.execute(select(*columns).select_from(ReviewCase).where(*where)).one()
+    for (facet, name), n in zip(keys, row, strict=True):
+        if n:
+            out[facet][name] = int(n)
     return out
 
 
@@ -567,7 +631,7 @@ def next_case(
         select(ReviewCase.id, Study.study_instance_uid)
         .join(Study, Study.id == ReviewCase.study_id)
         .where(*conditions, free)
-        .order_by(_priority_expr(band), ReviewCase.received_at, ReviewCase.id)
+        .order_by(_priority_expr(band, Tags(session)), ReviewCase.received_at, ReviewCase.id)
         .limit(20)
     )
     if exclude_study_id is not None:

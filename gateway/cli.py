@@ -90,6 +90,7 @@ def serve(
     rt = _runtime(settings, migrate=migrate)
     receive_into(rt.storage)
     _register_models(rt)
+    threading.Thread(target=_retag_worklist, args=(rt,), name="worklist-retag", daemon=True).start()
     clear_counters(settings.ingest_rate_dir)  # those of a previous run's processes
     count_ingest(settings.ingest_rate_dir)
     _settle_for_receiving()
@@ -157,6 +158,28 @@ def _register_models(rt: Runtime) -> None:
 
     with transaction(rt.factory) as session:
         sync_configured(session, configured_bundles(rt.settings))
+
+
+def _retag_worklist(rt: Runtime) -> None:
+    """Tag the worklist cases for the configured uncertain band (cases of an earlier band, or from before
+    the tags said it), a batch per transaction, in the background: until then the worklist looks at those
+    cases' findings one by one, which is correct but slower."""
+    from core.db import transaction
+    from core.worklist import retag_cases
+
+    band, total = rt.settings.review.uncertain_band, 0
+    try:
+        while True:
+            with transaction(rt.factory) as session:
+                done = retag_cases(session, band)
+            if not done:
+                break
+            total += done
+    except Exception:
+        log.exception("worklist: tagging the cases for the uncertain band %s failed after %d", band, total)
+        return
+    if total:
+        log.info("worklist: %d cases tagged for the uncertain band %s", total, band)
 
 
 def _settle_for_receiving() -> None:
@@ -435,6 +458,7 @@ def worklist_rebuild() -> None:
     from core.tables import Report, Study
     from core.worklist import refresh_case
 
+    settings = _settings()
     with _accounts_session() as session:
         rows = session.execute(
             select(Study.id, Study.study_instance_uid)
@@ -443,7 +467,9 @@ def worklist_rebuild() -> None:
         ).all()
         cases = 0
         for study_id, uid in rows:
-            if refresh_case(session, study_id) is not None:
+            review = settings.review
+            band, share = review.uncertain_band, review.negative_sample_share
+            if refresh_case(session, study_id, band=band, sample_share=share) is not None:
                 cases += 1
                 enqueue(
                     session,

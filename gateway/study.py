@@ -258,7 +258,9 @@ def _report_model(
             session.flush()
             _ensure_deliveries(rt, session, capture)
         session.flush()
-        refresh_case(session, study_id)  # the worklist shows the new result (and it awaits review again)
+        # the worklist shows the new result (and it awaits review again)
+        review = rt.settings.review
+        refresh_case(session, study_id, band=review.uncertain_band, sample_share=review.negative_sample_share)
         enqueue(
             session,
             kind=RENDER_STUDY,

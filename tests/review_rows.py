@@ -29,6 +29,8 @@ def add_study(
     study_date: str | None = "20240101",
     received_at: datetime | None = None,
     images: int = 1,
+    band: float | None = 0.1,
+    sample_share: float = 0.0,
 ) -> Study:
     """A study of ``images`` instances with one AI report per model; ``models``: name -> finding ->
     probability (missing findings: 0.01), or None for a model that found every image not assessable."""
@@ -101,5 +103,5 @@ def add_study(
                     )
                 )
     session.flush()
-    refresh_case(session, study.id)
+    refresh_case(session, study.id, band=band, sample_share=sample_share)
     return study

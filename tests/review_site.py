@@ -107,6 +107,9 @@ def review_site(root: Path, **settings: str) -> Iterator[Site]:
             "GATEWAY_COMPLETION__QUIET_SECONDS": "0.5",
             "GATEWAY_WORKER__PROCESSES": "1",
             "GATEWAY_REVIEW__VIEWER_URL_TEMPLATE": VIEWER_TEMPLATE,
+            # no random checks of negative cases: the tests know which case comes first (see
+            # tests/core/test_worklist.py and tests/api/test_worklist_sample.py for the sample)
+            "GATEWAY_REVIEW__NEGATIVE_SAMPLE_SHARE": "0",
             **{f"GATEWAY_{k}": v for k, v in settings.items()},
         }
         with gateway_serve(env, root / "gateway.log", timeout=180):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -22,6 +22,7 @@ from api.security import client_address, require
 from core import audit
 from core.accounts import Principal
 from core.decisions import Answer, ClinicalData, DecisionError, ReviewConflict, save_review
+from core.settings import ReviewSettings
 from core.tables import Instance, Series, Study, User
 from core.worklist import current_reports
 from reporting.verified import verified_report_uid
@@ -57,7 +58,13 @@ class ReviewOut(BaseModel):
 
 
 def _save(
-    session: Session, principal: Principal, study_uid: str, decisions: list[ReviewIn], client: str | None
+    session: Session,
+    principal: Principal,
+    study_uid: str,
+    decisions: list[ReviewIn],
+    client: str | None,
+    *,
+    settings: ReviewSettings,
 ) -> list[ReviewOut]:
     """Save the decisions in one transaction (all or none); DecisionError/ReviewConflict as given."""
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
@@ -83,6 +90,8 @@ def _save(
                 clinical=decision.clinical,
                 actor=principal.actor,
                 client=client,
+                band=settings.uncertain_band,
+                sample_share=settings.negative_sample_share,
             )
             out.append(
                 ReviewOut(
@@ -109,7 +118,9 @@ def review_json(
     422 for a label the model does not have. A retried request returns the saved decision (200)."""
     with request.app.state.session_factory() as session:
         try:
-            (saved,) = _save(session, principal, study_uid, [decision], client_address(request))
+            (saved,) = _save(
+                session, principal, study_uid, [decision], client_address(request), settings=_review(request)
+            )
         except ReviewConflict as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         except DecisionError as exc:
@@ -117,6 +128,10 @@ def review_json(
     if not saved.created:
         response.status_code = 200
     return saved
+
+
+def _review(request: Request) -> ReviewSettings:
+    return cast(ReviewSettings, request.app.state.settings.review)
 
 
 def decisions_from_form(form: dict[str, str], models: list[dict[str, Any]]) -> list[ReviewIn]:
@@ -200,7 +215,8 @@ def _review_form(
         view = _case_or_404(request, session, study_uid)
         try:
             decisions = decisions_from_form(form, view.models)
-            _save(session, principal, study_uid, decisions, client_address(request))
+            client = client_address(request)
+            _save(session, principal, study_uid, decisions, client, settings=_review(request))
         except DecisionError as exc:
             view = _case_or_404(request, session, study_uid)
             status = 409 if isinstance(exc, ReviewConflict) else 422

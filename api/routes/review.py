@@ -129,6 +129,7 @@ class WorklistItemOut(BaseModel):
     received_at: datetime
     status: str
     priority: int
+    sampled: bool
     claimed_by: str | None
     claim_expires_at: datetime | None
     findings: list[FindingOut]

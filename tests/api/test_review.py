@@ -44,7 +44,7 @@ def test_worklist_in_priority_order_with_filters_and_counts(site: Site) -> None:
     assert keys == sorted(keys)  # positive or uncertain first, then oldest
     for item in data["items"]:
         positive = any(f["label"] == "present" or f["uncertain"] for f in item["findings"])
-        assert item["priority"] == (0 if positive else 1)
+        assert item["priority"] == (0 if positive else 1) and item["sampled"] is False
     assert sum(data["counts"]["status"].values()) == 3
     assert data["counts"]["model"] == {"pneumonia": 2, "covid19": 2, "glaucoma": 1}
     fundus = site.get("/api/worklist", status="any", model="glaucoma").json()

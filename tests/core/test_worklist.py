@@ -18,14 +18,28 @@ from core.db import make_engine, make_sessionmaker, transaction
 from core.decisions import Answer, ClinicalData, DecisionError, ReviewConflict, report_images, save_review
 from core.jobs import VERIFY_REVIEW
 from core.migrate import upgrade
-from core.tables import AuditEvent, Job, Report, Review, ReviewCase, ReviewTag, Study, User, utcnow
+from core.tables import (
+    AuditEvent,
+    Job,
+    Report,
+    Review,
+    ReviewCase,
+    ReviewFinding,
+    ReviewTag,
+    Study,
+    User,
+    utcnow,
+)
 from core.worklist import (
     WorklistFilter,
+    band_token,
     claim,
     current_reports,
     next_case,
     query_worklist,
     release,
+    retag_cases,
+    sample_draw,
     tag_ids,
 )
 from tests.review_rows import add_study
@@ -397,3 +411,121 @@ def test_every_count_is_what_choosing_that_value_shows(
         for status in ("unreviewed", "in_review", "reviewed", "flagged"):
             total = query_worklist(s, replace(current, status=status), band=BAND).total
             assert counts["status"].get(status, 0) == total, status
+
+
+def _uncertain_by_hand(s: Session, f: WorklistFilter, band: float) -> set[str]:
+    """Studies with a finding of ``f``'s model/finding within ``band`` of its threshold, from the findings."""
+    rows = s.execute(
+        select(
+            Study.study_instance_uid, ReviewFinding.model_name, ReviewFinding.finding, ReviewFinding.margin
+        )
+        .join(ReviewCase, ReviewCase.study_id == Study.id)
+        .join(ReviewFinding, ReviewFinding.case_id == ReviewCase.id)
+    )
+    return {
+        uid
+        for uid, model, finding, margin in rows
+        if margin is not None and margin <= band and f.model in (None, model) and f.finding in (None, finding)
+    }
+
+
+UNCERTAIN_WITH = [
+    WorklistFilter(status=None, model="pneumonia", ai_label="uncertain"),
+    WorklistFilter(status=None, model="covid19", ai_label="uncertain"),
+    WorklistFilter(status=None, finding="pneumonia", ai_label="uncertain"),
+    WorklistFilter(status=None, model="pneumonia", finding="viral_pneumonia", ai_label="uncertain"),
+]
+
+
+def test_uncertain_tags_follow_the_band_and_cases_of_another_band_are_still_found(
+    factory: sessionmaker[Session],
+) -> None:
+    """Cases tag which findings are uncertain for the band they were written with. A case written with
+    another band (or before the tags said it) is looked at finding by finding, so every filter is right
+    before and after retag_cases brings the tags to the configured band."""
+    probabilities = [0.72, 0.75, 0.78, 0.85, 0.95, 0.55, 0.45, 0.62]
+    with transaction(factory) as s:
+        for n, p in enumerate(probabilities):
+            add_study(
+                s,
+                models={
+                    "pneumonia": {"pneumonia": p, "viral_pneumonia": p - 0.3},
+                    "covid19": {"covid19": p - 0.2},
+                },
+                band=[0.1, None, 0.3][n % 3],
+            )
+    for band in (0.1, 0.3):
+        with factory() as s:
+            for f in UNCERTAIN_WITH:
+                expected = _uncertain_by_hand(s, f, band)
+                page = query_worklist(s, f, band=band)
+                assert {r.study_instance_uid for r in page.rows} == expected, (band, f)
+                assert page.total == len(expected)
+                counts = query_worklist(s, replace(f, model=None, finding=None), band=band).counts
+                if f.finding is None and f.model is not None:
+                    assert counts["model"].get(f.model, 0) == len(expected), (band, f)
+                if f.model is None and f.finding is not None:
+                    assert counts["finding"].get(f.finding, 0) == len(expected), (band, f)
+        stale = {0.1: 5, 0.3: 8}[band]  # those written with another band or none (0.3: all, after 0.1)
+        with transaction(factory) as s:
+            assert retag_cases(s, band, limit=2) == 2  # in batches
+        with transaction(factory) as s:
+            assert retag_cases(s, band) == stale - 2
+            assert retag_cases(s, band) == 0
+        with factory() as s:
+            token = s.scalars(select(ReviewTag.id).where(ReviewTag.token == band_token(band))).one()
+            assert all(f",{token}," in t for t in s.scalars(select(ReviewCase.tags)))
+            for f in UNCERTAIN_WITH:
+                page = query_worklist(s, f, band=band)
+                assert {r.study_instance_uid for r in page.rows} == _uncertain_by_hand(s, f, band), (band, f)
+
+
+def test_a_random_share_of_negative_cases_is_listed_first_and_marked(factory: sessionmaker[Session]) -> None:
+    """Verification sample: an AI-negative case whose draw (by its Study Instance UID) is below the share
+    comes first, marked; positive, uncertain and not-assessable cases are never drawn; the mark stays when
+    the case is reviewed."""
+    share = 0.3
+    now = utcnow()
+    with transaction(factory) as s:
+        negatives = [
+            add_study(
+                s,
+                models={"pneumonia": {}, "covid19": {}},
+                received_at=now - timedelta(hours=100 - n),
+                sample_share=share,
+            ).study_instance_uid
+            for n in range(40)
+        ]
+        others = [
+            add_study(s, models={"pneumonia": {"pneumonia": 0.95}, "covid19": {}}, sample_share=1.0),
+            add_study(s, models={"pneumonia": {"pneumonia": 0.75}, "covid19": {}}, sample_share=1.0),
+            add_study(s, models={"pneumonia": None, "covid19": None}, sample_share=1.0),
+        ]
+        other_uids = [o.study_instance_uid for o in others]
+    drawn = {u for u in negatives if sample_draw(u) < share}
+    assert 0 < len(drawn) < len(negatives)  # 40 draws at 0.3: both kinds, for these fixed rules
+    with factory() as s:
+        page = query_worklist(s, WorklistFilter(), band=BAND, limit=100)
+    rows = {r.study_instance_uid: r for r in page.rows}
+    assert {u for u, r in rows.items() if r.sampled} == drawn
+    assert not any(rows[u].sampled for u in other_uids)
+    first = [r.study_instance_uid for r in page.rows if r.priority == 0]
+    assert set(first) == drawn | set(other_uids[:2])  # positive, uncertain, and the sample
+    assert [r.priority for r in page.rows] == sorted(r.priority for r in page.rows)
+    # reviewed (with the share, as the API saves decisions): still marked
+    _users(factory)
+    uid = sorted(drawn)[0]
+    for model, label in (("pneumonia", "no_pneumonia"), ("covid19", "normal")):
+        _save(factory, uid, model, label, 0, band=BAND, sample_share=share)
+    with factory() as s:
+        page = query_worklist(s, WorklistFilter(status="reviewed"), band=BAND)
+    assert [(r.study_instance_uid, r.sampled) for r in page.rows] == [(uid, True)]
+
+
+def test_the_draw_is_fixed_by_the_uid_and_uniform() -> None:
+    uids = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(4000)]
+    draws = [sample_draw(u) for u in uids]
+    assert draws == [sample_draw(u) for u in uids]
+    assert all(0.0 <= d < 1.0 for d in draws)
+    share = sum(d < 0.05 for d in draws) / len(draws)
+    assert 0.04 < share < 0.06  # 4,000 draws: ±1 % is more than 2.9 standard deviations

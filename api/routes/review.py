@@ -169,13 +169,15 @@ def _worklist(request: Request, session: Session, q: WorklistQuery) -> WorklistO
     )
 
 
-@router.get("/api/worklist")
+@router.get("/api/worklist", response_model=WorklistOut)
 def worklist_json(
     request: Request, session: ReadSessionDep, principal: ReviewerDep, q: WorklistQueryDep
-) -> WorklistOut:
-    """Studies with AI results, filtered, in priority order (positive or uncertain first, then oldest),
-    with the number of cases per filter value."""
-    return _worklist(request, session, q)
+) -> Response:
+    """Studies with AI results, filtered, in priority order (positive, uncertain or drawn for a random
+    check first, then oldest), with the number of cases per filter value."""
+    # Serialized once by pydantic: returned as a model, FastAPI would validate the page again and walk it
+    # with jsonable_encoder, a third of the request's time with 50 cases.
+    return Response(_worklist(request, session, q).model_dump_json(), media_type="application/json")
 
 
 @router.get("/worklist", response_class=HTMLResponse, include_in_schema=False)

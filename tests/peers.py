@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -82,7 +83,29 @@ def dcmtk(name: str) -> str:
     return str(path)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback TCP port nothing listens on, below the kernel's ephemeral range: a port the kernel picks
+    (bind to 0) comes from that range, where the outgoing connections of the test's own senders may take it
+    before the server under test binds it ("Address already in use" seen in the suite). Never the same
+    port twice in one run."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(10000, max(10001, low))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

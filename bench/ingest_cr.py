@@ -265,6 +265,9 @@ def measure(target: str, root: Path, studies: list[list[Path]], senders: int) ->
     count = sum(map(len, studies))
     try:
         with contextmanager(TARGETS[target])(folder, port) as pid:
+            # Write back what the machine still holds dirty (the inputs just made, the previous target's
+            # files): otherwise the first fsyncs of whichever target comes next wait for it.
+            os.sync()
             own0, children0 = cpu_seconds(pid)
             seconds = send(port, studies, senders)
             own1, children1 = cpu_seconds(pid)

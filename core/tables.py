@@ -226,7 +226,12 @@ class Delivery(Base):
 
     report: Mapped[Report] = relationship(back_populates="deliveries")
 
-    __table_args__ = (UniqueConstraint("report_id", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("report_id", "destination"),
+        # a destination's deliveries waiting out a backoff (gateway.delivery: after every success, and while
+        # it fails); without it each delivery scanned every delivery ever made, holding the write lock
+        Index("ix_delivery_waiting", "status", "destination", "next_attempt_at"),
+    )
 
 
 class AuditEvent(Base):

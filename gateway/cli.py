@@ -58,12 +58,14 @@ def _settings() -> Settings:
     return settings
 
 
-def _runtime(settings: Settings, *, migrate: bool, ingests: bool = True) -> Runtime:
+def _runtime(
+    settings: Settings, *, migrate: bool, ingests: bool = True, durable_commits: bool = True
+) -> Runtime:
     """The process's runtime, or exit 1 saying why it cannot start (database down, schema out of date)."""
     from gateway.runtime import build_runtime
 
     try:
-        return build_runtime(settings, migrate=migrate, ingests=ingests)
+        return build_runtime(settings, migrate=migrate, ingests=ingests, durable_commits=durable_commits)
     except Exception as exc:
         typer.echo(f"cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -249,7 +251,8 @@ def worker(
     from core.jobs import COMPUTE_KINDS, LIGHT_KINDS
     from gateway.worker import Worker
 
-    rt = _runtime(settings, migrate=False, ingests=False)  # serve's ingest temp files are not ours to remove
+    # serve's ingest temp files are not ours to remove; what a worker commits is derived (core.db.make_engine)
+    rt = _runtime(settings, migrate=False, ingests=False, durable_commits=False)
     # With delivery lanes the main loop runs studies only: a report never waits behind a study, a study
     # never behind a slow PACS.
     main = Worker(rt, kinds=COMPUTE_KINDS if settings.worker.delivery_lanes else None)

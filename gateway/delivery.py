@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from core import jobs
 from core.db import read_session, transaction, when_available
-from core.jobs import DELIVER, ClaimedJob, PermanentError, Retry
-from core.tables import Delivery, utcnow
+from core.jobs import DELIVER, ClaimedJob, PermanentError, Retry, enqueue
+from core.tables import Delivery, Report, utcnow
 from gateway.runtime import Runtime
 from orthanc.client import OrthancRejected, OrthancUnavailable
 from reporting.delivery import DeliveryResult, backoff_delay, send_cstore
@@ -154,3 +154,22 @@ def _wake_waiting(session: Session, destination: str) -> int:
         return 0
     session.execute(update(Delivery).where(Delivery.id.in_(waiting)).values(next_attempt_at=now))
     return jobs.run_now(session, kind=DELIVER, payload_key="delivery_id", values=waiting)
+
+
+def ensure_deliveries(rt: Runtime, session: Session, report: Report) -> None:
+    """Queue a delivery of ``report`` to every destination it has none to yet (in ``session``)."""
+    have = {d.destination for d in session.scalars(select(Delivery).where(Delivery.report_id == report.id))}
+    for name in rt.destination_names:
+        if name in have:
+            continue
+        delivery = Delivery(report_id=report.id, destination=name, status="pending", next_attempt_at=utcnow())
+        session.add(delivery)
+        session.flush()
+        enqueue(
+            session,
+            kind=DELIVER,
+            priority=10,
+            payload={"delivery_id": delivery.id},
+            study_id=report.study_id,
+            max_attempts=rt.settings.worker.delivery_max_attempts,
+        )

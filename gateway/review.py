@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -24,9 +26,9 @@ from core.domain import InstanceRef, ModelInfo
 from core.jobs import ClaimedJob, PermanentError
 from core.tables import Instance, Report, Review, Series, Study
 from core.worklist import current_reports
+from gateway.delivery import ensure_deliveries
 from gateway.runtime import Runtime
 from gateway.sources import UnreadableSource, read_source
-from gateway.study import _ensure_deliveries
 from inference.optic_disc import locate_disc
 from inference.preprocess import UnreadableImage, load_dicom_image
 from reporting.sr import write_report
@@ -47,8 +49,19 @@ VERIFIED_SERIES_OFFSET = 1
 
 
 def render_study(rt: Runtime, job: ClaimedJob) -> None:
-    """Draw every image of the study's current AI reports once, and each model's heatmap on it."""
-    study_uid = job.payload["study_instance_uid"]
+    """The job: :func:`render_study_images` of the payload's study (when drawing it within
+    ``process_study`` failed, or asked for by ``gateway worklist retag``)."""
+    render_study_images(rt, job.payload["study_instance_uid"])
+
+
+def render_study_images(
+    rt: Runtime, study_uid: str, decoded: Mapping[Path, np.ndarray | str] | None = None
+) -> None:
+    """Draw every image of the study's current AI reports once, and each model's heatmap on it.
+
+    ``decoded``: images ``process_study`` has decoded already (by file path), drawn as they are; the
+    models' gates ran on those very arrays, so their heatmaps come from those runs' class maps.
+    """
     with read_session(rt.factory) as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
         if study is None:
@@ -72,10 +85,13 @@ def render_study(rt: Runtime, job: ClaimedJob) -> None:
             sop_class_uid=instance.sop_class_uid,
             path=rt.storage.absolute(instance.path),
         )
-        _render_instance(rt, ref, models)
+        known = (decoded or {}).get(ref.path)
+        _render_instance(rt, ref, models, known if isinstance(known, np.ndarray) else None)
 
 
-def _render_instance(rt: Runtime, ref: InstanceRef, models: list[tuple[str, str, bool]]) -> None:
+def _render_instance(
+    rt: Runtime, ref: InstanceRef, models: list[tuple[str, str, bool]], image: np.ndarray | None = None
+) -> None:
     storage = rt.storage
 
     def put(relative: str, data: bytes) -> None:  # derived files, drawn again when missing: no fsync
@@ -90,7 +106,8 @@ def _render_instance(rt: Runtime, ref: InstanceRef, models: list[tuple[str, str,
     if storage.exists(meta_path) and all(storage.exists(p) for p in heatmaps.values()):
         return  # drawn already (a retried or repeated job)
     try:
-        image = load_dicom_image(ref.path, limits=rt.settings.ingest)
+        if image is None:
+            image = load_dicom_image(ref.path, limits=rt.settings.ingest)
     except (UnreadableImage, OSError) as exc:
         log.info("SOP instance %s: nothing to show (%s)", ref.sop_instance_uid, exc)
         put(meta_path, json.dumps({"error": f"image cannot be shown: {exc}"[:300]}).encode())
@@ -177,7 +194,7 @@ def verify_review(rt: Runtime, job: ClaimedJob) -> None:
         uid = verified_report_uid(report.sop_instance_uid, review.version)
         existing = session.scalars(select(Report).where(Report.sop_instance_uid == uid)).first()
         if existing is not None:
-            _ensure_deliveries(rt, session, existing)
+            ensure_deliveries(rt, session, existing)
             session.commit()
             return
         earlier = session.scalars(
@@ -247,7 +264,7 @@ def verify_review(rt: Runtime, job: ClaimedJob) -> None:
         )
         session.add(verified)
         session.flush()
-        _ensure_deliveries(rt, session, verified)
+        ensure_deliveries(rt, session, verified)
         audit.record(
             session,
             actor=f"job:{job.id}",

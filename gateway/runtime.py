@@ -58,14 +58,17 @@ class Runtime:
         self.engine.dispose()
 
 
-def build_runtime(settings: Settings, *, migrate: bool, ingests: bool = True) -> Runtime:
+def build_runtime(
+    settings: Settings, *, migrate: bool, ingests: bool = True, durable_commits: bool = True
+) -> Runtime:
     """Connect, prepare storage and (``migrate``) bring the schema to head; refuse an out-of-date schema.
 
     ``ingests``: this process receives instances, so the ingest temp files a crash left are its to remove;
-    a worker (False) leaves them alone, as they may be in flight in ``gateway serve``.
+    a worker (False) leaves them alone, as they may be in flight in ``gateway serve``. ``durable_commits``:
+    see :func:`core.db.make_engine` (False for the worker processes).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url, durable_commits=durable_commits)
     if migrate:
         upgrade(engine)
     elif current_revision(engine) != head_revision():

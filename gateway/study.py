@@ -19,24 +19,23 @@ import numpy as np
 import pydicom
 from highdicom.sr import Comprehensive3DSR
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
 
 from core.db import read_session, transaction
 from core.domain import ImageResult, InstanceRef, ModelInfo
 from core.encoding import describe, printable
-from core.jobs import DELIVER, RENDER_STUDY, ClaimedJob, PermanentError, enqueue
+from core.jobs import RENDER_STUDY, ClaimedJob, PermanentError, enqueue
 from core.tables import (
     AuditEvent,
-    Delivery,
     Instance,
     Prediction,
     Report,
     RoutingDecision,
     Series,
     Study,
-    utcnow,
 )
 from core.worklist import refresh_case
+from gateway.delivery import ensure_deliveries
+from gateway.review import render_study_images
 from gateway.runtime import Runtime
 from gateway.sources import UnreadableSource, read_source
 from inference.model import Model, not_assessable, run_model
@@ -110,6 +109,30 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
     for model_name, refs in by_model.items():
         for shadow in rt.models.shadows(model_name):
             _run_shadow(rt, job, study_id, study_uid, shadow, refs, decoded)
+    if by_model:
+        _draw_for_review(rt, study_id, study_uid, decoded)
+
+
+def _draw_for_review(
+    rt: Runtime, study_id: int, study_uid: str, decoded: dict[Path, np.ndarray | str]
+) -> None:
+    """What the case page shows, drawn now from the images decoded for the models (and the heatmaps from
+    the gates' runs of them): once the reports are committed, so their deliveries go meanwhile. Should
+    drawing fail, a ``render_study`` job draws it again later; the study's result stands either way. A crash
+    before this point redoes the whole job, which finds its reports written and comes here again."""
+    try:
+        render_study_images(rt, study_uid, decoded)
+    except Exception:
+        log.exception("study %s: case page images not drawn; queued to draw again", study_uid)
+        with transaction(rt.factory) as session:
+            enqueue(
+                session,
+                kind=RENDER_STUDY,
+                priority=150,  # after deliveries and new studies: nobody waits on the SR for it
+                payload={"study_instance_uid": study_uid},
+                study_id=study_id,
+                dedupe_key=f"render:{study_uid}",
+            )
 
 
 def _run_shadow(
@@ -167,14 +190,8 @@ def _report_model(
     model_name = model.info.name
     sop_uids = [r.sop_instance_uid for r in refs]
     uid = report_uid(study_uid, model.info, sop_uids)
-    with rt.factory() as session:
-        existing = session.scalars(select(Report).where(Report.sop_instance_uid == uid)).first()
-        if existing is not None:
-            # Same study, model, version and input set: the SR exists; just make sure it is delivered.
-            _ensure_deliveries(rt, session, existing)
-            session.commit()
-            log.info("study %s: %s report %s already exists", study_uid, model_name, uid)
-            return
+    with read_session(rt.factory) as session:  # no write lock for reading (a plain session takes it)
+        existing_id = session.scalar(select(Report.id).where(Report.sop_instance_uid == uid))
         previous = session.scalars(
             select(Report)
             .where(Report.study_id == study_id, Report.model_name == model_name)
@@ -183,6 +200,14 @@ def _report_model(
         ).first()
         previous_id = previous.id if previous else None
         previous_path = rt.storage.absolute(previous.path) if previous else None
+    if existing_id is not None:
+        # Same study, model, version and input set: the SR exists; just make sure it is delivered.
+        with transaction(rt.factory) as session:
+            existing = session.get(Report, existing_id)
+            if existing is not None:
+                ensure_deliveries(rt, session, existing)
+        log.info("study %s: %s report %s already exists", study_uid, model_name, uid)
+        return
 
     captures_wanted = rt.settings.reporting.secondary_capture
     results: list[ImageResult] = run_model(
@@ -241,7 +266,7 @@ def _report_model(
         session.add(report)
         session.flush()
         session.add_all(_predictions(results, study_id, by_sop, job.id, model.info, report_id=report.id))
-        _ensure_deliveries(rt, session, report)
+        ensure_deliveries(rt, session, report)
         for capture_uid, capture_series, capture_path in captures:
             capture = Report(
                 study_id=study_id,
@@ -256,19 +281,11 @@ def _report_model(
             )
             session.add(capture)
             session.flush()
-            _ensure_deliveries(rt, session, capture)
+            ensure_deliveries(rt, session, capture)
         session.flush()
         # the worklist shows the new result (and it awaits review again)
         review = rt.settings.review
         refresh_case(session, study_id, band=review.uncertain_band, sample_share=review.negative_sample_share)
-        enqueue(
-            session,
-            kind=RENDER_STUDY,
-            priority=150,  # after deliveries and new studies: nobody waits on the SR for it
-            payload={"study_instance_uid": study_uid},
-            study_id=study_id,
-            dedupe_key=f"render:{study_uid}",
-        )
         session.add(
             AuditEvent(
                 actor=f"job:{job.id}",
@@ -435,21 +452,3 @@ def _write_captures(
 def _instances(rt: Runtime, sop_uids: list[str]) -> list[Instance]:
     with read_session(rt.factory) as session:
         return list(session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sop_uids))))
-
-
-def _ensure_deliveries(rt: Runtime, session: Session, report: Report) -> None:
-    have = {d.destination for d in session.scalars(select(Delivery).where(Delivery.report_id == report.id))}
-    for name in rt.destination_names:
-        if name in have:
-            continue
-        delivery = Delivery(report_id=report.id, destination=name, status="pending", next_attempt_at=utcnow())
-        session.add(delivery)
-        session.flush()
-        enqueue(
-            session,
-            kind=DELIVER,
-            priority=10,
-            payload={"delivery_id": delivery.id},
-            study_id=report.study_id,
-            max_attempts=rt.settings.worker.delivery_max_attempts,
-        )

@@ -85,6 +85,9 @@ class BundleModel:
         self._domain: DomainGate | None = None
         # Gated images (by identity, weakly held) -> their raw outputs, for predict.
         self._recent: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = OrderedDict()
+        #: The gate's run of an image also gave its class maps: kept (outputs, maps) so the heatmap the case
+        #: page shows need not run the network again. Not taken away by predict, unlike ``_recent``.
+        self._maps: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray, np.ndarray]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"BundleModel({self.info.name!r} {self.info.version}, {str(self.path)!r})"
@@ -119,16 +122,16 @@ class BundleModel:
         reason = gate.check_ssim(x)
         if reason is not None:
             return reason
-        result = self._run(x[np.newaxis])
-        self._remember(image, result.outputs[0])
+        result = self._run(x[np.newaxis], with_cam=True)
+        self._remember(image, result)
         if result.features is None:
             raise BundleError(f"{self.info.name}: the served graph has no embedding for its feature gate")
         return gate.check_features(result.features[0])
 
     def _check_adapter_features(self, image: np.ndarray, adapter: Any) -> str | None:
         """The adapter's verdict on the network's ``"features"`` embedding; keeps the outputs for predict."""
-        result = self._run(self._input(image)[np.newaxis])
-        self._remember(image, result.outputs[0])
+        result = self._run(self._input(image)[np.newaxis], with_cam=True)
+        self._remember(image, result)
         if result.features is None:
             raise BundleError(f"{self.info.name}: the served graph has no embedding for its adapter's gate")
         return cast(str | None, adapter.check_features(result.features[0]))
@@ -199,14 +202,18 @@ class BundleModel:
         spec = next((o for o in self.metadata.outputs if finding in (None, o.finding)), None)
         if spec is None:
             raise ValueError(f"{self.info.name} has no output {finding!r}")
-        result = self._run(self._input(image)[np.newaxis], with_cam=True)
-        if result.cam is None:
-            return None
-        maps = result.cam[0]
+        known = self._maps_of(image)
+        if known is not None:
+            outputs, maps = known
+        else:
+            result = self._run(self._input(image)[np.newaxis], with_cam=True)
+            if result.cam is None:
+                return None
+            outputs, maps = result.outputs[0], result.cam[0]
         cam = maps[:, :, spec.index]
         group = next((g for g in self.metadata.softmax_groups if spec.index in g), None)
         if group is not None:
-            p = result.outputs[0, list(group)]
+            p = outputs[list(group)]
             cam = cam - np.tensordot(maps[:, :, list(group)], p / max(float(p.sum()), 1e-12), axes=([2], [0]))
         return np.maximum(cam, 0.0).astype(np.float32)
 
@@ -239,12 +246,25 @@ class BundleModel:
                 self._domain = DomainGate(self.path, self.metadata.domain_gate)
             return self._domain
 
-    def _remember(self, image: np.ndarray, row: np.ndarray) -> None:
-        """Keep the outputs computed by the gate so predict need not resize and run the image again."""
+    def _remember(self, image: np.ndarray, result: RunResult) -> None:
+        """Keep the outputs computed by the gate so predict need not resize and run the image again, and its
+        class maps for :meth:`activation_map`."""
+        row = result.outputs[0]
         with self._lock:
             self._recent[id(image)] = (weakref.ref(image), row)
             while len(self._recent) > 64:
                 self._recent.popitem(last=False)
+            if result.cam is not None:
+                self._maps[id(image)] = (weakref.ref(image), row, result.cam[0])
+                while len(self._maps) > 64:
+                    self._maps.popitem(last=False)
+
+    def _maps_of(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            entry = self._maps.get(id(image))
+        if entry is None or entry[0]() is not image:
+            return None
+        return entry[1], entry[2]
 
     def _recalled(self, image: np.ndarray) -> np.ndarray | None:
         with self._lock:

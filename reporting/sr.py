@@ -10,8 +10,9 @@ import hashlib
 import io
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import pydicom
 from highdicom.sr import (
@@ -33,8 +34,10 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import correct_ambiguous_vr
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
@@ -45,7 +48,28 @@ from reporting import codes as ourcodes
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 _UID_NAMESPACE = f"{MANUFACTURER}/reporting/sr"
+
+#: Held while a report is built or written. Reports share content items (TID 4019, Image Library groups:
+#: :func:`_algorithm_of`, ``_library_groups``), and writing one swaps the code sequences of its items, shared
+#: ones too, for their encoded bytes for the time it takes (:func:`_encode_once`): no other thread of the
+#: process may read a shared item meanwhile. (Reports are built one at a time per worker process but for a
+#: verified report on a delivery lane: the lock is rarely waited for.)
+SHARED_ITEMS = threading.RLock()
+
+
+def holding_shared_items(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` (a report builder) runs holding :data:`SHARED_ITEMS`."""
+
+    @functools.wraps(fn)
+    def holding(*args: P.args, **kwargs: P.kwargs) -> R:
+        with SHARED_ITEMS:
+            return fn(*args, **kwargs)
+
+    return holding
 
 
 def input_hash(input_sop_uids: Iterable[str]) -> str:
@@ -237,6 +261,7 @@ def _without_children(root: pydicom.Dataset) -> pydicom.Dataset:
     return shell
 
 
+@holding_shared_items
 def build_report(
     *,
     results: Sequence[ImageResult],
@@ -372,23 +397,80 @@ def build_report(
     return sr
 
 
-def _encode_once(ds: pydicom.Dataset) -> None:
-    """Resolve the ambiguous VRs of the whole tree once, and mark every dataset in it as already in the
-    encoding it will be written in (explicit VR little endian, its own character set).
+#: The code sequences of content items (concept names, coded values, measurement units): one item of a few
+#: strings each, a hundred per report, most of them the same few dozen codes in every report.
+_CODE_SEQUENCES = frozenset(
+    int(pydicom.datadict.tag_for_keyword(k))  # type: ignore[arg-type]
+    for k in ("ConceptNameCodeSequence", "ConceptCodeSequence", "MeasurementUnitsCodeSequence")
+)
+_encoded_codes: dict[tuple[object, ...], RawDataElement] = {}
+_ENCODED_CODES_MAX = 4096
+
+
+def _encoded_code(elem: DataElement, encodings: object) -> RawDataElement | None:
+    """The code sequence ``elem`` as pydicom writes it (explicit VR little endian), as a raw element that
+    pydicom's writer copies as it is; None for one that is not a single item of plain ASCII strings."""
+    seq = elem.value
+    if elem.is_undefined_length or len(seq) != 1 or seq[0].get("is_undefined_length_sequence_item"):
+        return None
+    parts: list[object] = [int(elem.tag), str(encodings)]
+    for item_elem in seq[0]:
+        value = item_elem.value
+        if item_elem.VR == VR.SQ or type(value) is not str or not value.isascii():
+            return None
+        parts.append((int(item_elem.tag), item_elem.VR, value))
+    key = tuple(parts)
+    raw = _encoded_codes.get(key)
+    if raw is None:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, encodings)  # type: ignore[arg-type]
+        data = fp.getvalue()
+        value_bytes = data[12:]  # after tag (4), "SQ", 2 reserved bytes and the 4-byte length
+        if data[4:6] != b"SQ" or int.from_bytes(data[8:12], "little") != len(value_bytes):
+            return None
+        raw = RawDataElement(elem.tag, "SQ", len(value_bytes), value_bytes, 0, False, True)
+        if len(_encoded_codes) >= _ENCODED_CODES_MAX:
+            _encoded_codes.clear()
+        _encoded_codes[key] = raw
+    return raw
+
+
+def _encode_once(ds: pydicom.Dataset) -> list[tuple[pydicom.Dataset, DataElement]]:
+    """Resolve the ambiguous VRs of the whole tree once, mark every dataset in it as already in the
+    encoding it will be written in (explicit VR little endian, its own character set), and put the encoded
+    bytes of each code sequence in place of the sequence; returns what to put back after writing.
 
     pydicom's writer corrects ambiguous VRs in every dataset whose original encoding differs from the
     output's, recursively, and does so again for each nested item as it writes it: for a tree built in
     memory (no original encoding anywhere) that is once per level of nesting, most of the time of writing a
-    report. The bytes written are the same (tests/reporting/test_sr.py compares them).
+    report. Code sequences are half the elements of a report and nearly all alike: each distinct one is
+    encoded by pydicom once per process, and the writer copies those bytes (pydicom writes a raw element as
+    it is). A shared item is visited once. The bytes written are the same (tests/reporting/test_sr.py
+    compares them).
     """
     correct_ambiguous_vr(ds, True)
+    swapped: list[tuple[pydicom.Dataset, DataElement]] = []
+    seen: set[int] = set()
     todo = [ds]
     while todo:
         item = todo.pop()
-        item.set_original_encoding(False, True, item._character_set)  # what the writer compares with
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        charset = item._character_set
+        item.set_original_encoding(False, True, charset)  # what the writer compares with
         for elem in item:
-            if elem.VR == VR.SQ:
-                todo.extend(elem.value)
+            if elem.VR != VR.SQ:
+                continue
+            if int(elem.tag) in _CODE_SEQUENCES:
+                raw = _encoded_code(elem, charset)
+                if raw is not None:
+                    swapped.append((item, elem))
+                    item._dict[elem.tag] = raw
+                    continue
+            todo.extend(elem.value)
+    return swapped
 
 
 def write_report(ds: pydicom.Dataset, path: Path) -> Path:
@@ -402,9 +484,14 @@ def write_report(ds: pydicom.Dataset, path: Path) -> Path:
     if transfer_syntax is None or not transfer_syntax.is_compressed:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    _encode_once(ds)
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    with SHARED_ITEMS:
+        swapped = _encode_once(ds)
+        try:
+            ds.save_as(buffer, enforce_file_format=True)
+        finally:
+            for item, elem in reversed(swapped):  # the tree as it was, shared items included
+                item._dict[elem.tag] = elem
     return write_atomic(Path(path), buffer.getbuffer())
 
 

@@ -32,7 +32,14 @@ from pydicom.valuerep import DA, DT, TM
 
 from core.domain import DECISION_SUPPORT_NOTICE, MANUFACTURER, ModelInfo
 from reporting import codes as ourcodes
-from reporting.sr import _UID_NAMESPACE, _comment, _device_uid, _image_library, _without_children
+from reporting.sr import (
+    _UID_NAMESPACE,
+    _comment,
+    _device_uid,
+    _image_library,
+    _without_children,
+    holding_shared_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +227,7 @@ def _check_documents(
         raise ValueError("a verified report cannot have its own SOP Instance UID as a predecessor")
 
 
+@holding_shared_items
 def build_verified_report(
     *,
     ai_report: pydicom.Dataset,

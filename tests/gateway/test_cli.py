@@ -93,7 +93,7 @@ def test_predict_text_output(model_env: dict[str, str]) -> None:
 def test_db_upgrade(tmp_path: Path) -> None:
     proc = gateway("db", "upgrade", env={"GATEWAY_DATA_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    assert "database at revision 0007" in proc.stdout
+    assert "database at revision 0008" in proc.stdout
     tables = inspect(create_engine(f"sqlite:///{tmp_path / 'gateway.sqlite3'}")).get_table_names()
     assert {
         "study",

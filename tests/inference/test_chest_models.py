@@ -155,3 +155,26 @@ def test_gateway_predict_json_with_shipped_models(tmp_path: Path) -> None:
     lateral = [r for r in rows if Path(r["file"]).name == "dx_chest_small.dcm"]
     assert sorted(r["model"] for r in lateral) == sorted(CHEST)
     assert all(not r["assessable"] and r["findings"] == [] and r["reason"] for r in lateral)
+
+
+def test_heatmap_reuses_the_gates_run(
+    shipped: dict[str, BundleModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case page's heatmap of an image the gate has run is drawn from that run's class maps: the same
+    map a fresh run gives, without running the network again."""
+    image = load_dicom_image(shared_dicom("cr_chest_jpegls.dcm"))
+    for name, model in shipped.items():
+        fresh = [model.heatmap(image.copy(), finding=o.finding) for o in model.metadata.outputs]
+        seen = image.copy()
+        assert model.check_input(seen) is None, name
+        runs: list[int] = []
+        original = model._run
+        monkeypatch.setattr(
+            model, "_run", lambda x, _run=original, _runs=runs, **kw: _runs.append(1) or _run(x, **kw)
+        )
+        again = [model.heatmap(seen, finding=o.finding) for o in model.metadata.outputs]
+        monkeypatch.undo()
+        assert runs == [], f"{name}: the network ran again for the heatmap"
+        for a, b in zip(fresh, again, strict=True):
+            assert a is not None and b is not None
+            np.testing.assert_array_equal(a, b)

@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from inference.preprocess import (
     UnreadableImage,
+    _percentile_window,
     iter_frames,
     load_any,
     load_dicom_image,
@@ -149,6 +150,34 @@ def test_no_voi_uses_percentile_window() -> None:
     img = load_dicom_image(_gray_dataset(pixels))
     assert img.min() == 0.0 and img.max() == 1.0
     assert img.dtype == np.float32
+
+
+def _numpy_percentile_window(values: np.ndarray) -> np.ndarray:
+    """The window as numpy.percentile draws it, on a float64 copy: what the integer path must equal."""
+    v = values.astype(np.float64)
+    lo, hi = np.percentile(v, (0.5, 99.5))
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(v.shape)
+    return np.clip((v - lo) / (hi - lo), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+def test_integer_percentile_window_equals_numpy_bit_for_bit(dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    cases: list[np.ndarray] = [np.full((3, 5), info.min, dtype=dtype), np.full((9, 2), info.max, dtype=dtype)]
+    for _ in range(400):
+        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 60)))
+        low = int(rng.integers(info.min, info.max))
+        high = int(rng.integers(low, info.max + 1))
+        cases.append(rng.integers(low, high, shape, endpoint=True).astype(dtype))
+    cases.append((np.tile(np.linspace(0, 4095, 512), (512, 1)) * rng.random((512, 512))).astype(dtype))
+    for values in cases:
+        got = _percentile_window(values)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, _numpy_percentile_window(values))
 
 
 def test_monochrome2_with_inverse_presentation_lut_is_inverted() -> None:

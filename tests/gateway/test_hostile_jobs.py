@@ -21,46 +21,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
 from core import jobs
-from core.db import make_engine, make_sessionmaker, transaction
+from core.db import transaction
 from core.ingest import InstanceMeta, read_instance, store_instance, validate_instance
 from core.jobs import ClaimedJob
-from core.migrate import upgrade
-from core.settings import CompletionSettings, Settings, WorkerSettings
-from core.storage import Storage
+from core.settings import Settings, WorkerSettings
 from core.tables import Instance, Job, Prediction, Report, Study, utcnow
 from gateway import worker as worker_module
 from gateway.runtime import Runtime
 from gateway.sources import MAX_SEQUENCE_DEPTH, report_view
 from gateway.worker import Worker
-from inference.registry import ModelRegistry
 from tests import factories as f
 from tests import hostile as h
 from tests.accounts import issue_token
-from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import SHARED_DICOM, free_port, wait_for
+from tests.tiny_runtime import tiny_runtime
 
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bundles(tmp_path_factory.mktemp("models"))
-
-
 @pytest.fixture
 def rt(tmp_path: Path, bundles: Path) -> Iterator[Runtime]:
-    settings = Settings(
-        data_dir=tmp_path / "var",
-        completion=CompletionSettings(quiet_seconds=0),
-        worker=WorkerSettings(poll_seconds=0.05, retry_base_seconds=30),
-    )
-    engine = make_engine(settings.sqlalchemy_url)
-    upgrade(engine)
-    storage = Storage(settings.storage_dir)
-    storage.prepare()
-    registry = ModelRegistry([bundles], include_shipped=False)
-    yield Runtime(settings, engine, make_sessionmaker(engine), storage, _registry=registry)
-    engine.dispose()
+    with tiny_runtime(tmp_path, bundles, WorkerSettings(poll_seconds=0.05, retry_base_seconds=30)) as runtime:
+        yield runtime
 
 
 def _ingest(rt: Runtime, path: Path, *, validate: bool = True) -> int:

@@ -14,42 +14,26 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
-from core.db import make_engine, make_sessionmaker, transaction
+from core.db import transaction
 from core.ingest import read_instance, store_instance, validate_instance
 from core.jobs import PROCESS_STUDY, RENDER_STUDY
-from core.migrate import upgrade
-from core.settings import CompletionSettings, Settings, WorkerSettings
-from core.storage import Storage
+from core.settings import WorkerSettings
 from core.tables import Job, Report, Study, utcnow
 from gateway.review import render_study_images
 from gateway.runtime import Runtime
 from gateway.worker import Worker
-from inference.registry import ModelRegistry
-from tests.inference.tiny_models import make_tiny_bundles
 from tests.peers import SHARED_DICOM
+from tests.tiny_runtime import tiny_runtime
 
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bundles(tmp_path_factory.mktemp("models"))
-
-
 @pytest.fixture
 def rt(tmp_path: Path, bundles: Path) -> Iterator[Runtime]:
-    settings = Settings(
-        data_dir=tmp_path / "var",
-        completion=CompletionSettings(quiet_seconds=0),
-        worker=WorkerSettings(poll_seconds=0.05, retry_base_seconds=0.1, ingest_first_mb_per_s=0),
-    )
-    engine = make_engine(settings.sqlalchemy_url)
-    upgrade(engine)
-    storage = Storage(settings.storage_dir)
-    storage.prepare()
-    registry = ModelRegistry([bundles], include_shipped=False)
-    yield Runtime(settings, engine, make_sessionmaker(engine), storage, _registry=registry)
-    engine.dispose()
+    with tiny_runtime(
+        tmp_path, bundles, WorkerSettings(poll_seconds=0.05, retry_base_seconds=0.1, ingest_first_mb_per_s=0)
+    ) as runtime:
+        yield runtime
 
 
 def _chest_study(rt: Runtime, tmp_path: Path, images: int = 2) -> tuple[str, list[str]]:

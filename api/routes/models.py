@@ -7,9 +7,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import ReadSessionDep, SessionDep
+from api.pages import page
 from api.security import require
 from core.accounts import Principal
 from core.agreement import performance
@@ -80,6 +82,75 @@ def model_performance(name: str, principal: ReaderDep, session: ReadSessionDep) 
     kappa; sensitivity, specificity, PPV, NPV ("any finding" positive) with Wilson 95 % intervals and
     counts; confirmation and override rates; a weekly trend; each shadow version against the active answers
     on the same images (core.agreement)."""
+    _known(session, name)
+    return performance(session, name)
+
+
+#: What the weekly trend draws: (key in core.agreement.weekly, legend, CSS class of its line).
+TREND_SERIES = (
+    ("kappa", "agreement (Cohen's κ)", "kappa"),
+    ("sensitivity", "sensitivity", "sens"),
+    ("specificity", "specificity", "spec"),
+)
+TREND_WIDTH, TREND_HEIGHT, TREND_PAD = 640, 200, 32
+
+
+@router.get("/models/{name}/performance", response_class=HTMLResponse, include_in_schema=False)
+def performance_page(request: Request, name: str, principal: ReaderDep, session: ReadSessionDep) -> Response:
+    """The performance endpoint as a page: per version the figures with their 95 % intervals and counts, the
+    weekly trend as a chart (inline SVG, drawn on the server), each shadow version against the active
+    answers on the same images."""
+    _known(session, name)
+    data = performance(session, name)
+    trends = {v["version"]: trend_lines(v["weekly"]) for v in data["versions"]}
+    return page(
+        request,
+        "model_performance.html",
+        model=name,
+        data=data,
+        trends=trends,
+        series=TREND_SERIES,
+        width=TREND_WIDTH,
+        height=TREND_HEIGHT,
+        pad=TREND_PAD,
+    )
+
+
+def trend_lines(weekly: list[dict[str, Any]]) -> dict[str, Any]:
+    """SVG polyline points per series (a week without a value breaks the line; kappa below 0 is drawn at
+    0), and the x positions and labels of the weeks."""
+    n = len(weekly)
+    inner_w, inner_h = TREND_WIDTH - 2 * TREND_PAD, TREND_HEIGHT - 2 * TREND_PAD
+
+    def x(i: int) -> float:
+        return TREND_PAD + (inner_w * i / (n - 1) if n > 1 else inner_w / 2)
+
+    def y(value: float) -> float:
+        return TREND_PAD + inner_h * (1.0 - min(1.0, max(0.0, value)))
+
+    lines: dict[str, list[str]] = {}
+    for key, _, _ in TREND_SERIES:
+        segments: list[str] = []
+        current: list[str] = []
+        for i, week in enumerate(weekly):
+            value = week[key]
+            if value is None:
+                if current:
+                    segments.append(" ".join(current))
+                current = []
+                continue
+            current.append(f"{x(i):.1f},{y(float(value)):.1f}")
+        if current:
+            segments.append(" ".join(current))
+        lines[key] = segments
+    weeks = [{"x": round(x(i), 1), "label": w["week"], "images": w["images"]} for i, w in enumerate(weekly)]
+    return {
+        "lines": lines,
+        "weeks": weeks,
+        "grid": [{"y": round(y(v), 1), "label": f"{v:.1f}"} for v in (0, 0.5, 1)],
+    }
+
+
+def _known(session: Any, name: str) -> None:
     if name not in {v.name for v in versions(session)} and name not in ("glaucoma", "pneumonia", "covid19"):
         raise HTTPException(404, f"no model {name}")
-    return performance(session, name)

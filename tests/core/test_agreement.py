@@ -14,6 +14,7 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
+from api.routes.models import trend_lines
 from core.accounts import create_token, create_user
 from core.agreement import kappa, performance, wilson
 from core.db import transaction
@@ -126,3 +127,36 @@ def test_kappa_and_wilson_edges() -> None:
     assert kappa([])["value"] is None and wilson(0, 0)["value"] is None
     assert kappa([("a", "a"), ("a", "a")])["value"] is None  # one label on both sides
     assert kappa([("a", "a"), ("b", "b")])["value"] == pytest.approx(1.0)
+
+
+def test_the_page_shows_the_figures_and_the_weekly_trend(factory: sessionmaker[Session], server: str) -> None:
+    token = _seed(factory)
+    response = httpx.get(
+        f"{server}/models/glaucoma/performance", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    html = response.text
+    assert "never a diagnosis" in html.lower() or "not a diagnosis" in html.lower()
+    assert "TP 2 · FP 1 · FN 1 · TN 1" in html
+    sensitivity = '0.67 <span class="ci">(0.21–0.94)</span> <span class="count">2/3</span>'
+    assert sensitivity in html
+    assert "0.17" in html  # kappa 1/6
+    assert html.count('<polyline class="line') >= 2 and "Version 1.0.0" in html and "Shadow versions" in html
+    assert httpx.get(f"{server}/models/glaucoma/performance", timeout=30).status_code in (401, 303)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{server}/models/nosuch/performance", headers=headers, timeout=30).status_code == 404
+
+
+def test_trend_lines_break_where_a_week_has_no_value() -> None:
+    weekly = [
+        {"week": "2026-W01", "images": 3, "kappa": 0.5, "sensitivity": 1.0, "specificity": None},
+        {"week": "2026-W02", "images": 2, "kappa": -0.2, "sensitivity": None, "specificity": 0.5},
+        {"week": "2026-W03", "images": 4, "kappa": 1.0, "sensitivity": 0.5, "specificity": 0.75},
+    ]
+    t = trend_lines(weekly)
+    assert len(t["lines"]["kappa"]) == 1 and len(t["lines"]["kappa"][0].split()) == 3
+    assert [len(s.split()) for s in t["lines"]["sensitivity"]] == [1, 1]  # broken at week 2
+    assert [len(s.split()) for s in t["lines"]["specificity"]] == [2]
+    bottom = t["grid"][0]["y"]  # the 0 line
+    assert t["lines"]["kappa"][0].split()[1].endswith(f",{bottom:.1f}")  # kappa < 0 drawn at 0
+    assert [w["label"] for w in t["weeks"]] == ["2026-W01", "2026-W02", "2026-W03"]

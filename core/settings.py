@@ -371,6 +371,10 @@ class IngestSettings(BaseModel):
 class StorageSettings(BaseModel):
     #: Free space (bytes) kept on the storage volume: below it C-STORE answers 0xA700 and STOW 507.
     reserve_bytes: int = Field(1 << 30, ge=0)
+    #: C-STORE datasets are written to disk as they arrive with O_DIRECT, past the page cache (see
+    #: core.storage.DirectTempFile); off for a volume where direct writes are slow (some network file
+    #: systems).
+    direct_writes: bool = True
 
 
 _DESTINATION_KEYS = {"name", "ae_title", "host", "port"}

@@ -25,7 +25,7 @@ from core.ingest import (
     validate_instance,
 )
 from core.settings import IngestSettings
-from core.storage import Storage
+from core.storage import DirectTempFile, Storage
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,12 @@ def handle_closed(event: Event, factory: sessionmaker[Session], studies: Associa
 def _received_file(request: C_STORE) -> Path | None:
     """The temp file pynetdicom wrote the request's dataset to (chunked mode), else None."""
     path = request._dataset_path  # what Event.dataset_path reads; it raises when chunked mode is off
-    return path if isinstance(path, Path) else None
+    if not isinstance(path, Path):
+        return None
+    received = getattr(request, "_dataset_file", None)
+    if isinstance(received, DirectTempFile):
+        received.finish()
+    return path
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
+from tempfile import NamedTemporaryFile
 from typing import Any
 
 from pydicom.uid import (
@@ -14,13 +15,13 @@ from pydicom.uid import (
     RLETransferSyntaxes,
     UncompressedTransferSyntaxes,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, dimse_messages, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import DicomSettings, Settings
-from core.storage import TMP_PREFIX, Storage
+from core.storage import TMP_PREFIX, DirectTempFile, Storage
 from dicom_listener.admission import Gate
 from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
 from dicom_listener.receivers import ReceiverPool
@@ -88,12 +89,19 @@ def receive_into(storage: Storage) -> None:
     tempfile.template = TMP_PREFIX
 
 
+def _direct_temp_file(delete: bool = False, mode: str = "wb", suffix: str = "") -> DirectTempFile:
+    return DirectTempFile(None, tempfile.template, suffix)
+
+
 def _handlers(config: Settings, storage: Storage, factory: sessionmaker[Session]) -> list[Any]:
     """The association event handlers; each C-STORE's dataset is written to a temp file as its P-DATA arrive
     (pynetdicom's STORE_RECV_CHUNKED_DATASET, process-wide), never held in memory: a 7.5 MB CR costs no
     buffer copies, eight senders at once no 60 MB of them, and accepting it is an fsync and a rename
     (:func:`receive_into`)."""
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom makes that temp file with the NamedTemporaryFile it imported (process-wide, as the mode is)
+    direct = config.storage.direct_writes
+    dimse_messages.NamedTemporaryFile = _direct_temp_file if direct else NamedTemporaryFile  # type: ignore[assignment]
     studies = AssociationStudies()
     return [
         (evt.EVT_C_ECHO, handle_echo),

@@ -793,23 +793,47 @@ def export_labels(
 def train_model(
     name: Annotated[str, typer.Argument(metavar="MODEL", help="Model name (pneumonia, covid19, ...).")],
     data: Annotated[Path, typer.Option(help="Data folder (with labels.csv) or labels CSV.", exists=True)],
+    from_export: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--from-export",
+            exists=True,
+            help="An export (folder or ZIP of `gateway export`) whose confirmed and corrected labels of "
+            "MODEL are added to the base data; repeatable. The result is registered as a candidate version.",
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the recipe's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the shipped model's).")] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Bundle folder, card included (default: inference/weights/MODEL)."),
     ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(help="Version of a retrained candidate (default: the shipped release + -r<UTC time>)."),
+    ] = None,
 ) -> None:
-    """Train a model from labelled images: writes its bundle and model card (seeded, reproducible)."""
+    """Train a model from labelled images: writes its bundle and model card (seeded, reproducible). With
+    --from-export, retrain on the base data plus radiologists' labels: the bundle goes to
+    DATA_DIR/models/MODEL/VERSION and is registered as a candidate for `gateway models promote`."""
     from training.recipes import DEFAULT_SEED, TrainConfig, default_config, get_recipe
 
-    _settings()
+    settings = _settings()
     try:
         recipe = get_recipe(name)
     except KeyError as exc:
         typer.echo(str(exc.args[0]), err=True)
         raise typer.Exit(2) from None
     options: dict[str, Any] = {"epochs": epochs, "seed": DEFAULT_SEED if seed is None else seed}
+    if from_export:
+        if out is not None:
+            typer.echo(
+                "--out and --from-export exclude each other: a retrained bundle goes to the registry",
+                err=True,
+            )
+            raise typer.Exit(2)
+        _retrain(settings, name, data, from_export, version, options)
+        return
     config = (
         default_config(name, data, **options)
         if out is None
@@ -817,6 +841,83 @@ def train_model(
     )
     bundle = recipe.train(config)
     typer.echo(f"wrote {bundle} and {config.card_path}")
+
+
+def _retrain(
+    settings: Settings,
+    name: str,
+    base: Path,
+    exports: list[Path],
+    version: str | None,
+    options: dict[str, Any],
+) -> None:
+    """`gateway train MODEL --from-export ...`: merge, train in DATA_DIR/training, install and register."""
+    import dataclasses
+    import shutil
+
+    from core.model_versions import RegistryError, add
+    from gateway.models import install_bundle
+    from inference.bundle import BundleError
+    from training.merge import MergeError, merge_training_data
+    from training.recipes import WEIGHTS_DIR, TrainConfig, get_recipe
+
+    shipped = WEIGHTS_DIR / name / "model.json"
+    release = json.loads(shipped.read_text(encoding="utf-8")) if shipped.is_file() else {}
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    version = version or f"{release.get('version', '0.0.0')}-r{stamp}"
+    if not version or len(version) > 32 or not all(c.isalnum() or c in ".-_" for c in version):
+        typer.echo(f"invalid version {version!r}: letters, digits, '.', '-' and '_', at most 32", err=True)
+        raise typer.Exit(2)
+    work = settings.data_dir / "training" / f"{name}-{version}"
+    if work.exists():
+        typer.echo(
+            f"{work} exists: {name} {version} was retrained before; choose another --version", err=True
+        )
+        raise typer.Exit(1)
+    try:
+        merged, summary = merge_training_data(name, base, exports, work)
+    except (MergeError, ValueError, OSError) as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        typer.echo(f"cannot merge the training data: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary.describe())
+    bundle_dir = work / "bundle"
+    bundle_dir.mkdir()
+    changes = (
+        f"Retrained with the shipped recipe on {summary.base_rows} base images and {summary.exported} images "
+        f"labelled by radiologists ({summary.corrected} of them corrections of the AI) from "
+        f"{len(summary.exports)} export(s)."
+    )
+    changelog = [{"version": version, "changes": changes}, *release.get("changelog", [])]
+    # recipes take version and changelog from a model.json already in the bundle folder (training.recipes)
+    (bundle_dir / "model.json").write_text(json.dumps({"version": version, "changelog": changelog}))
+    config = TrainConfig(data=merged, out_dir=bundle_dir, **options)
+    get_recipe(name).train(config)
+    command = " ".join(
+        ["gateway train", name, "--data", str(base), *[f"--from-export {e}" for e in exports]]
+        + [f"--seed {config.seed}", f"--version {version}"]
+        + ([f"--epochs {config.epochs}"] if config.epochs else [])
+    )
+    with open(config.card_path, "a", encoding="utf-8") as card:
+        card.write(f"\n## Retraining data\n\n{summary.describe()}.\n\nReproduce: `{command}`\n")
+    meta = json.loads((bundle_dir / "model.json").read_text(encoding="utf-8"))
+    training = meta.get("training", {})
+    try:
+        bundle = install_bundle(settings, bundle_dir)
+        bundle = dataclasses.replace(
+            bundle,
+            data_summary={**summary.as_dict(), "command": command},
+            metrics={
+                "training": {k: training[k] for k in ("n_train", "n_val", "epochs_run") if k in training}
+            },
+        )
+        with _accounts_session() as session:
+            add(session, bundle, actor="cli")
+    except (BundleError, RegistryError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"registered {name} {version} as a candidate ({bundle.path})")
+    typer.echo(f"next: gateway models promote {name} {version}")
 
 
 @app.command("evaluate")

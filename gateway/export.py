@@ -5,7 +5,9 @@ Layout of an export::
 
     README.txt                 what this is, how it was de-identified; research use only
     manifest.csv | .jsonl      one row per reviewed image (pseudonymous ids only)
-    <model>/labels.csv         path + the label columns `gateway train <model> --data <export>/<model>` reads
+    <model>/labels.csv         path + the label columns `gateway train <model> --data <export>/<model>` reads,
+                               the pseudonymous patient and image ids, decision and decision time
+                               (what `gateway train <model> --from-export <export>` merges by)
     <model>/images/<label>/<image id>.png | .dcm
 
 Pseudonyms (reporting.deid): patient ``P-`` + 16 hex digits, study and image ids the 2.25 UIDs the DICOM files
@@ -186,6 +188,9 @@ def write_export(
                         **labels.training_columns(row.model_name, row.label),
                         "patient": entry["patient"],
                         "image": entry["image"],
+                        # what `gateway train --from-export` de-duplicates by (a correction wins)
+                        "decision": entry["decision"],
+                        "decided_at": entry["decided_at"],
                     }
                 )
         if progress is not None:

@@ -28,6 +28,7 @@ from core.ingest import (
     OutOfResources,
     decode_instance,
     read_instance,
+    validate_instance,
 )
 from core.settings import IngestSettings
 from tests import factories as f
@@ -186,3 +187,16 @@ def test_ingest_maps_limits_to_out_of_resources_and_structure_to_invalid(tmp_pat
         decode_instance(body[:-10], ExplicitVRLittleEndian, LIMITS)
     assert read_instance(path, LIMITS).SOPInstanceUID == ds.SOPInstanceUID
     assert read_instance(path.read_bytes(), LIMITS).SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_native_pixels_from_a_file_are_a_view_of_it_not_a_copy(tmp_path: Path, syntax: str) -> None:
+    ds = f.chest_radiograph()
+    ds.DataSetTrailingPadding = b"\x00" * 6  # an element after the pixels is read too
+    path = f.save(ds, tmp_path / "x.dcm", syntax)
+    ours = read_part10(path, LIMITS)
+    assert isinstance(ours.PixelData, memoryview) and ours["PixelData"].VR == "OW"
+    assert ours == pydicom.dcmread(path) and "DataSetTrailingPadding" in ours
+    validate_instance(ours, syntax, LIMITS)
+    path.unlink()  # as a refused C-STORE's temp file is: the mapping stays readable while the view lives
+    assert bytes(ours.PixelData) == ds.PixelData

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.ingest import InstanceMeta, InsufficientStorage, store_instance
-from core.storage import InvalidUID, Storage
+from core.storage import DirectTempFile, InvalidUID, Storage
 from core.tables import Instance
 from tests import factories as f
 from tests.mounts import fill, tmpfs
@@ -108,3 +108,43 @@ def test_disk_full_while_writing_leaves_no_partial_file(
         assert err.value.errno == errno.ENOSPC
         assert list(storage.tmp_dir.iterdir()) == []
     assert not list(storage.root.glob("**/*.dcm")) and _count(factory) == 0
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 4095, 4096, 4097, 256 << 10, (256 << 10) + 1, (1 << 20) - 1, 1 << 20, (3 << 20) + 12345]
+)
+def test_direct_temp_file_holds_exactly_what_was_written(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    received = DirectTempFile(tmp_path, ".incoming-", ".dcm")
+    assert received._buffer is not None  # ext4 or xfs under tmp_path: O_DIRECT, not the fallback
+    pieces = [data[i : i + 131_071] for i in range(0, size, 131_071)]  # PDU-sized, unaligned
+    for piece in pieces:
+        assert received.write(piece) == len(piece)
+        received.file.flush()  # what pynetdicom calls after every fragment
+    received.finish()
+    path = Path(received.name)
+    assert path.parent == tmp_path and path.name.startswith(".incoming-") and path.suffix == ".dcm"
+    assert path.read_bytes() == data
+    received.finish()  # idempotent
+    with pytest.raises(ValueError):
+        received.write(b"late")
+
+
+def test_direct_temp_file_on_tmpfs(tmp_path: Path) -> None:
+    """tmpfs refused O_DIRECT before Linux 6.6 (the file is then an ordinary one) and takes it since."""
+    with tmpfs(tmp_path / "mem", 8 << 20) as folder:
+        received = DirectTempFile(folder)
+        received.write(b"x" * 5000)
+        received.write(b"y")
+        received.finish()
+        assert Path(received.name).read_bytes() == b"x" * 5000 + b"y"
+
+
+def test_an_abandoned_direct_temp_file_closes_and_returns_its_buffer(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(40):  # more than the pool keeps
+        received = DirectTempFile(tmp_path)
+        received.write(b"partial")
+        del received  # an aborted transfer: pynetdicom drops the file object
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(list(tmp_path.iterdir())) == 40  # the partial files stay for Storage.prepare's sweep

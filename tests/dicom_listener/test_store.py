@@ -6,15 +6,17 @@ import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from tempfile import NamedTemporaryFile
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, dimse_messages
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import DicomSettings, Settings
+from core.settings import DicomSettings, Settings, StorageSettings
 from core.storage import Storage
 from core.tables import Instance, Series, Study
 from dicom_listener.server import Listener, serve
@@ -121,6 +123,35 @@ def test_same_instance_twice_is_stored_once(
         assert s.scalar(select(func.count(Instance.id))) == 1
         assert s.scalar(select(func.count(Study.id))) == 1
     assert storage.absolute(first.path).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o-direct", "page-cache"])
+def test_a_large_instance_is_stored_byte_for_byte_with_direct_writes_on_and_off(
+    storage: Storage, factory: sessionmaker[Session], tmp_path: Path, direct: bool
+) -> None:
+    ds = f.chest_radiograph()
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1201, 1333, 16, 12, 11
+    ds.PixelData = np.random.default_rng(7).integers(0, 4096, (1201, 1333), dtype=np.uint16).tobytes()
+    path = f.save(ds, tmp_path / "large.dcm")  # 3.2 MB: several 1 MiB buffers and an unaligned tail
+    config = Settings(
+        dicom=DicomSettings(host="127.0.0.1", port=0, allowed_calling_aes=["MODALITY"]),
+        storage=StorageSettings(direct_writes=direct),
+    )
+    with receiving_into(storage):
+        server = serve(config, storage, factory)
+        try:
+            assert storescu(server.port, path).returncode == 0
+        finally:
+            server.shutdown()
+    assert (dimse_messages.NamedTemporaryFile is not NamedTemporaryFile) == direct
+    with factory() as s:
+        stored = storage.absolute(s.scalars(select(Instance)).one().path)
+    assert pydicom.dcmread(stored) == pydicom.dcmread(path)
+    assert (
+        stored.stat().st_size
+        == len(pydicom.dcmread(stored).PixelData) + stored.read_bytes().index(b"\xe0\x7f\x10\x00") + 12
+    )  # nothing after the pixels: the padded tail was cut
+    assert not list(storage.tmp_dir.iterdir())
 
 
 def test_echo(listener: Listener) -> None:

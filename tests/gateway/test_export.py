@@ -21,6 +21,7 @@ from tests.accounts import bearer
 from tests.peers import gateway_command
 from tests.reporting.dciodvfy import dciodvfy
 from tests.review_site import Site, review_site
+from tests.training.tiny_data import write_tiny_pneumonia_data
 
 pytestmark = [pytest.mark.e2e]
 
@@ -170,3 +171,49 @@ def test_png_zip_over_the_api_for_the_data_role(site: Site, tmp_path: Path) -> N
 
     listed = httpx.get(site.url + "/api/exports", headers=data_team, timeout=30).json()
     assert listed[0]["detail"]["via"] == "api" and listed[0]["detail"]["rows"] == len(manifest)
+
+
+def test_retraining_from_the_export_registers_a_candidate(site: Site, tmp_path: Path) -> None:
+    """The PNG export, given twice (as two exports holding the same images), merged with a tiny base by
+    `gateway train pneumonia --from-export`: each exported image once, a candidate version in the registry
+    with its data summary, its bundle under DATA_DIR/models and a card that says what it was trained on."""
+    export = tmp_path / "export"
+    made = gateway_command(
+        site.env, "export", "--out", str(export), "--images", "png", "--model", "pneumonia"
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    exported = list(csv.DictReader((export / "pneumonia" / "labels.csv").open()))
+    assert [r["decision"] for r in exported] == ["confirmed", "confirmed"]  # chest, and chest2's first image
+    archive = tmp_path / "export.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in export.rglob("*"):
+            z.write(path, path.relative_to(export).as_posix())
+    base = write_tiny_pneumonia_data(tmp_path / "base", count=24)
+
+    trained = gateway_command(
+        site.env, "train", "pneumonia", "--data", str(base), "--from-export", str(export),
+        "--from-export", str(archive), "--epochs", "1", "--seed", "5", "--version", "1.0.1-r1",
+        timeout=900,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "24 base rows + 2 exported images (0 corrected) from 2 export(s), 2 duplicate rows dropped" in (
+        trained.stdout
+    )
+    assert "registered pneumonia 1.0.1-r1 as a candidate" in trained.stdout
+    bundle = site.data_dir / "models" / "pneumonia" / "1.0.1-r1"
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["version"] == "1.0.1-r1" and meta["training"]["n_train"] + meta["training"]["n_val"] == 26
+    assert "2 images labelled by radiologists" in meta["changelog"][0]["changes"]
+    card = (bundle / "card.md").read_text()
+    assert "## Retraining data" in card and "--from-export" in card and "Research" in card
+
+    listed = gateway_command(site.env, "models", "show", "pneumonia", "1.0.1-r1")
+    assert listed.returncode == 0, listed.stderr
+    shown = json.loads(listed.stdout)
+    assert shown["status"] == "candidate" and shown["path"] == str(bundle.resolve())
+    summary = shown["data_summary"]
+    assert summary["base_rows"] == 24 and summary["exported_images"] == 2
+    assert summary["duplicates_dropped"] == 2 and len(summary["exports"]) == 2
+    again = gateway_command(site.env, "train", "pneumonia", "--data", str(base), "--from-export", str(export),
+                            "--version", "1.0.1-r1")  # fmt: skip
+    assert again.returncode == 1 and "retrained before" in again.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from inference.bundle import BundleModel
+from tests.training.tiny_data import write_tiny_pneumonia_data
 from training import recipes as T
 from training.cards.metrics import DISCLAIMER
 from training.data import split_indices
@@ -21,35 +21,9 @@ from training.data import split_indices
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _chest_like(rng: np.random.Generator, sick: bool) -> np.ndarray:
-    """A gray 160 px 'radiograph': two dark lung fields in a bright body; pneumonia adds bright blotches."""
-    img = np.full((160, 160), 170, dtype=np.uint8)
-    cv2.ellipse(img, (52, 80), (28, 55), 0, 0, 360, 60, -1)
-    cv2.ellipse(img, (108, 80), (28, 55), 0, 0, 360, 60, -1)
-    if sick:
-        for _ in range(3):
-            centre = (int(rng.integers(35, 125)), int(rng.integers(40, 120)))
-            cv2.circle(img, centre, int(rng.integers(8, 16)), 150, -1)
-    noisy = img.astype(np.float32) + rng.normal(0, 8, img.shape)
-    return np.clip(cv2.GaussianBlur(noisy, (0, 0), 1.5), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def tiny_pneumonia_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pneumonia-data")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(40):
-        label, subtype = ("normal", "normal") if i % 3 == 0 else ("pneumonia", ("bacteria", "virus")[i % 2])
-        rel = f"images/{label}/img{i:03d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(root / rel), _chest_like(rng, label != "normal"))
-        rows.append({"path": rel, "label": label, "subtype": subtype, "patient_key": f"P{i // 2:03d}"})
-    with open(root / "labels.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
+    return write_tiny_pneumonia_data(tmp_path_factory.mktemp("pneumonia-data"))
 
 
 def test_recipes_are_registered() -> None:

@@ -206,8 +206,12 @@ class DirectTempFile:
     ``name``, ``write``, ``file.flush`` (a no-op here: nothing reads the file before :meth:`finish`).
     """
 
+    #: files made in this process (what tests and metrics read to see the path is taken)
+    made = 0
+
     def __init__(self, folder: Path | str | None = None, prefix: str = _TMP_PREFIX, suffix: str = "") -> None:
         fd, self.name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+        DirectTempFile.made += 1
         self._plain: int | None = fd
         self._direct: int | None = None
         self._size = 0  # bytes written to us

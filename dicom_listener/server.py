@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from dataclasses import dataclass
 from tempfile import NamedTemporaryFile
-from typing import Any
+from typing import IO, Any
 
 from pydicom.uid import (
     JPEG2000TransferSyntaxes,
@@ -24,6 +25,7 @@ from core.settings import DicomSettings, Settings
 from core.storage import TMP_PREFIX, DirectTempFile, Storage
 from dicom_listener.admission import Gate
 from dicom_listener.handlers import AssociationStudies, handle_closed, handle_echo, handle_store
+from dicom_listener.reactor import QuietAssociation, QuietDUL
 from dicom_listener.receivers import ReceiverPool
 from dicom_listener.tls import tls_context
 from dicom_listener.transport import GuardedServer, HandedServer, handed_server, start_server
@@ -89,8 +91,17 @@ def receive_into(storage: Storage) -> None:
     tempfile.template = TMP_PREFIX
 
 
-def _direct_temp_file(delete: bool = False, mode: str = "wb", suffix: str = "") -> DirectTempFile:
-    return DirectTempFile(None, tempfile.template, suffix)
+#: Whether this process's listener receives C-STOREs with direct writes (GATEWAY_STORAGE__DIRECT_WRITES).
+_direct_writes = False
+
+
+def _received_into(delete: bool = False, mode: str = "wb", suffix: str = "") -> DirectTempFile | IO[bytes]:
+    """The temp file pynetdicom receives a C-STORE dataset into: a DirectTempFile for our listener's
+    associations (their handler completes it before reading it), pynetdicom's own for any other SCP running
+    in the process (a test's PACS), whose handlers read the file as pynetdicom left it."""
+    if _direct_writes and isinstance(threading.current_thread(), (QuietDUL, QuietAssociation)):
+        return DirectTempFile(None, tempfile.template, suffix)
+    return NamedTemporaryFile(delete=delete, mode=mode, suffix=suffix)
 
 
 def _handlers(config: Settings, storage: Storage, factory: sessionmaker[Session]) -> list[Any]:
@@ -100,8 +111,9 @@ def _handlers(config: Settings, storage: Storage, factory: sessionmaker[Session]
     (:func:`receive_into`)."""
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     # pynetdicom makes that temp file with the NamedTemporaryFile it imported (process-wide, as the mode is)
-    direct = config.storage.direct_writes
-    dimse_messages.NamedTemporaryFile = _direct_temp_file if direct else NamedTemporaryFile  # type: ignore[assignment]
+    global _direct_writes
+    _direct_writes = config.storage.direct_writes
+    dimse_messages.NamedTemporaryFile = _received_into  # type: ignore[assignment]
     studies = AssociationStudies()
     return [
         (evt.EVT_C_ECHO, handle_echo),

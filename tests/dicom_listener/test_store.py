@@ -6,19 +6,19 @@ import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from tempfile import NamedTemporaryFile
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, dimse_messages
+from pynetdicom import AE
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import DicomSettings, Settings, StorageSettings
-from core.storage import Storage
+from core.storage import DirectTempFile, Storage
 from core.tables import Instance, Series, Study
+from dicom_listener import server as server_module
 from dicom_listener.server import Listener, serve
 from tests import factories as f
 from tests.dicom_listener.sockets import store_partially
@@ -137,13 +137,14 @@ def test_a_large_instance_is_stored_byte_for_byte_with_direct_writes_on_and_off(
         dicom=DicomSettings(host="127.0.0.1", port=0, allowed_calling_aes=["MODALITY"]),
         storage=StorageSettings(direct_writes=direct),
     )
+    made = DirectTempFile.made
     with receiving_into(storage):
         server = serve(config, storage, factory)
         try:
             assert storescu(server.port, path).returncode == 0
         finally:
             server.shutdown()
-    assert (dimse_messages.NamedTemporaryFile is not NamedTemporaryFile) == direct
+    assert server_module._direct_writes == direct and DirectTempFile.made - made == int(direct)
     with factory() as s:
         stored = storage.absolute(s.scalars(select(Instance)).one().path)
     assert pydicom.dcmread(stored) == pydicom.dcmread(path)

@@ -7,6 +7,12 @@ with Wilson 95 % intervals and their counts; the share of images confirmed and c
 A version in shadow mode is scored on the images it predicted that radiologists decided, beside the active
 version's answers on exactly those images.
 
+Drift: per version, over every image it answered on live studies (reviewed or not, shadow included), the
+share its gate found not assessable and the mean probability of each finding, against the version's
+reference figures (the same measures on a labelled set: the promotion gate's evaluation set, or what
+``gateway models reference`` measured); a warning when either is further than the configured band from
+its reference, once the version has answered enough images for the comparison to mean something.
+
 Kappa's interval is the large-sample one, kappa ± 1.96·sqrt(po(1 - po) / (n (1 - pe)^2)) (Cohen 1960).
 """
 
@@ -23,9 +29,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core import labels
-from core.tables import Instance, Prediction, Report, Review
+from core.tables import Instance, ModelVersion, Prediction, Report, Review
 
 Z = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class DriftBand:
+    """How far (absolute) live figures may move from the reference before a warning, and from how many
+    live images on (the settings' drift_* values)."""
+
+    not_assessable: float = 0.05
+    probability: float = 0.10
+    min_images: int = 30
 
 
 @dataclass(frozen=True)
@@ -167,7 +183,82 @@ def shadow_labels(session: Session, model: str) -> dict[str, dict[str, str]]:
     return dict(out)
 
 
-def performance(session: Session, model: str) -> dict[str, Any]:
+def live_distribution(session: Session, model: str) -> dict[str, dict[str, Any]]:
+    """Per version: images answered, the share not assessable, the mean probability of each finding (the
+    latest prediction of each image counts)."""
+    rows = session.execute(
+        select(
+            Prediction.model_version,
+            Prediction.instance_id,
+            Prediction.finding,
+            Prediction.probability,
+            Prediction.assessable,
+        )
+        .where(Prediction.model_name == model)
+        .order_by(Prediction.id)
+    ).tuples()
+    latest: dict[str, dict[int, dict[str, float] | None]] = defaultdict(dict)
+    for version, instance_id, finding, probability, assessable in rows:
+        answers = latest[version]
+        if not assessable:
+            answers[instance_id] = None
+        elif finding is not None and probability is not None:
+            current = answers.get(instance_id)
+            answers[instance_id] = {**(current or {}), finding: float(probability)}
+    out = {}
+    for version, answers in latest.items():
+        assessed = [a for a in answers.values() if a is not None]
+        by_finding: dict[str, list[float]] = defaultdict(list)
+        for a in assessed:
+            for finding, probability in a.items():
+                by_finding[finding].append(probability)
+        out[version] = {
+            "images": len(answers),
+            "not_assessable_share": 1 - len(assessed) / len(answers),
+            "mean_probability": {f: sum(v) / len(v) for f, v in by_finding.items()},
+        }
+    return out
+
+
+def drift(session: Session, model: str, band: DriftBand) -> list[dict[str, Any]]:
+    """Per version with live answers: its live figures, its reference, and the warnings (empty: no drift).
+    ``status``: ok, drift, no reference (none measured yet) or too few images."""
+    references = {
+        version: (metrics or {}).get("reference")
+        for version, metrics in session.execute(
+            select(ModelVersion.version, ModelVersion.metrics).where(ModelVersion.name == model)
+        ).tuples()
+    }
+    out = []
+    for version, live in sorted(live_distribution(session, model).items()):
+        reference = references.get(version)
+        warnings: list[str] = []
+        if not reference:
+            status = "no reference"
+        elif live["images"] < band.min_images:
+            status = "too few images"
+        else:
+            expected = reference.get("not_assessable_share")
+            if expected is not None and abs(live["not_assessable_share"] - expected) > band.not_assessable:
+                warnings.append(
+                    f"not assessable: {live['not_assessable_share']:.1%} of live images against "
+                    f"{expected:.1%} in the reference (band ±{band.not_assessable:.0%})"
+                )
+            for finding, expected_mean in sorted((reference.get("mean_probability") or {}).items()):
+                mean = live["mean_probability"].get(finding)
+                if mean is not None and abs(mean - expected_mean) > band.probability:
+                    warnings.append(
+                        f"mean probability of {finding}: {mean:.3f} live against {expected_mean:.3f} in the "
+                        f"reference (band ±{band.probability:.2f})"
+                    )
+            status = "drift" if warnings else "ok"
+        out.append(
+            {"version": version, **live, "reference": reference, "status": status, "warnings": warnings}
+        )
+    return out
+
+
+def performance(session: Session, model: str, band: DriftBand | None = None) -> dict[str, Any]:
     """What ``GET /api/models/{name}/performance`` answers."""
     pairs = decided_pairs(session, model)
     versions = [
@@ -190,4 +281,10 @@ def performance(session: Session, model: str) -> dict[str, Any]:
                 "active_on_the_same_images": figures(model, same),
             }
         )
-    return {"model": model, "negative_label": negative_label(model), "versions": versions, "shadow": shadows}
+    return {
+        "model": model,
+        "negative_label": negative_label(model),
+        "versions": versions,
+        "shadow": shadows,
+        "drift": drift(session, model, band or DriftBand()),
+    }

@@ -251,6 +251,12 @@ class InferenceSettings(BaseModel):
     evaluation_sets: dict[str, Path] = {}
     #: How much lower than the active model's a candidate's sensitivity may be and still be promoted.
     sensitivity_margin: float = Field(0.02, ge=0, le=1)
+    #: Drift warnings on the performance page: a version's live share of not-assessable images, or its live
+    #: mean probability of a finding, further than this (absolute) from its reference figures (set by the
+    #: promotion gate or `gateway models reference`), once it has answered drift_min_images images.
+    drift_not_assessable_band: float = Field(0.05, ge=0, le=1)
+    drift_probability_band: float = Field(0.10, ge=0, le=1)
+    drift_min_images: int = Field(30, ge=1)
 
     _split = field_validator("model_dirs", mode="before")(classmethod(lambda cls, v: _env_list(v, ":")))
 

@@ -625,13 +625,31 @@ def models_promote(
             typer.echo(f"no version {version} of model {name}", err=True)
             raise typer.Exit(1)
         paths = (current.path if current else None, candidate.path)
+        trained_on = {
+            image_id
+            for row in (current, candidate)
+            if row is not None
+            for image_id in (row.data_summary or {}).get("exported_image_ids", [])
+        }
     figures = None
     if not force and paths[0] is not None:
+        from gateway.export import deidentifier, reviewed_evaluation
         from training.promotion import describe, evaluate_pair
 
         assert evaluation is not None
+        rt = _runtime(settings, migrate=False, ingests=False)
+        try:
+            reviewed = reviewed_evaluation(rt.factory, rt.storage, deidentifier(settings), name, trained_on)
+        finally:
+            rt.close()
         result = evaluate_pair(
-            name, Path(paths[0]), Path(paths[1]), evaluation, margin=settings.inference.sensitivity_margin
+            name,
+            Path(paths[0]),
+            Path(paths[1]),
+            evaluation,
+            margin=settings.inference.sensitivity_margin,
+            reviewed=reviewed.rows,
+            left_out={"trained on": reviewed.trained_on, "missing files": reviewed.missing},
         )
         typer.echo(describe(result))
         figures = result.figures
@@ -655,11 +673,48 @@ def models_promote(
                 reason=f"forced: {reason}" if force else "passed the promotion gate",
             )
             if figures is not None:
-                row.metrics = {**(row.metrics or {}), "gate": figures}
+                # the gate's figures on the evaluation set are the drift reference unless one was set
+                reference = (row.metrics or {}).get("reference") or figures["candidate"]["reference"]
+                row.metrics = {**(row.metrics or {}), "gate": figures, "reference": reference}
     except RegistryError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{name} {version} is active")
+
+
+@models_app.command("reference")
+def models_reference(
+    name: str,
+    version: str,
+    data: Annotated[
+        Path, typer.Option(help="Labels CSV, or a folder holding labels.csv (e.g. the validation split).")
+    ],
+) -> None:
+    """Measure a version on labelled data (not-assessable share, mean probability per finding) and keep the
+    figures as the reference its live figures are compared with for drift warnings (performance page). A
+    promotion through the gate sets them from the evaluation set when none were set."""
+    from core.audit import record
+    from core.model_versions import find
+    from training.promotion import reference_on
+
+    with _accounts_session() as session:
+        row = find(session, name, version)
+        if row is None:
+            typer.echo(f"no version {version} of model {name}", err=True)
+            raise typer.Exit(1)
+        path = Path(row.path)
+    reference = reference_on(path, data)
+    with _accounts_session() as session:
+        row = find(session, name, version)
+        assert row is not None
+        row.metrics = {**(row.metrics or {}), "reference": reference}
+        record(
+            session,
+            actor="cli",
+            action="model.reference",
+            detail={"model": name, "version": version, **reference},
+        )
+    typer.echo(json.dumps(reference, indent=2))
 
 
 @models_app.command("shadow")

@@ -430,3 +430,44 @@ def _members(root: Path) -> dict[str, bytes]:
         with zipfile.ZipFile(root) as z:
             return {n: z.read(n) for n in z.namelist() if not n.endswith("/")}
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class ReviewedEvaluation:
+    """Radiologists' decisions as extra cases for the promotion gate (rows in the training vocabulary, with
+    absolute paths to the stored instances) and what was left out."""
+
+    rows: list[dict[str, str]] = field(default_factory=list)
+    #: reviewed images one of the two models was trained on (by pseudonymous image id)
+    trained_on: int = 0
+    #: files missing since the review
+    missing: int = 0
+
+
+def reviewed_evaluation(
+    factory: sessionmaker[Session], storage: Storage, deid: Deidentifier, model: str, exclude: set[str]
+) -> ReviewedEvaluation:
+    """Every image of ``model`` a radiologist confirmed or corrected (its current review's final label),
+    except those whose pseudonymous image id is in ``exclude`` (what either model trained on: a retrained
+    version's ``data_summary.exported_image_ids``, the ids ``gateway export`` writes with the same key)."""
+    out = ReviewedEvaluation()
+    seen: set[str] = set()
+    with read_session(factory) as session:
+        rows = list(reviewed_images(session, ExportFilter(model=model, decision="any")))
+    for row in reversed(rows):  # newest decision first: an image decided twice counts once, as decided last
+        if row.action not in ("confirmed", "corrected") or row.label == labels.NOT_ASSESSABLE:
+            continue
+        if row.sop_instance_uid in seen:
+            continue
+        seen.add(row.sop_instance_uid)
+        image_id = deid.uid(row.sop_instance_uid)
+        if image_id in exclude:
+            out.trained_on += 1
+            continue
+        path = storage.absolute(row.path)
+        if not path.is_file():
+            out.missing += 1
+            continue
+        columns = labels.training_columns(model, row.label)
+        out.rows.append({"path": str(path), **columns, "image": image_id, "source": "review"})
+    return out

@@ -44,6 +44,9 @@ class MergeSummary:
     #: images whose kept label is a correction of the AI's
     corrected: int = 0
     labels: Counter[str] = field(default_factory=Counter)
+    #: the pseudonymous ids of the exported images trained on: the promotion gate leaves these reviewed
+    #: cases out of its evaluation (a model is not evaluated on what it learnt from)
+    image_ids: set[str] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class MergeSummary:
             "duplicates_dropped": self.duplicates,
             "corrected": self.corrected,
             "labels": dict(sorted(self.labels.items())),
+            "exported_image_ids": sorted(self.image_ids),
         }
 
     def describe(self) -> str:
@@ -98,8 +102,9 @@ def merge_training_data(
             entry = _absolute(row, export_csv.parent)
             entry.setdefault("patient_key", row.get("patient", ""))
             chosen[key] = (rank, entry)
-    for rank, entry in chosen.values():
+    for key, (rank, entry) in chosen.items():
         rows.append(entry)
+        summary.image_ids.add(key)
         summary.exported += 1
         summary.corrected += rank[0] == _RANK["corrected"]
     summary.labels.update(row.get("label", "") for row in rows)

@@ -2,7 +2,9 @@
 evaluation set, through the serving path.
 
 Both bundles run on every image of the evaluation set (a labels CSV in the training data's vocabulary, as an
-export's ``MODEL/labels.csv``); images either one finds not assessable are left out of both. The primary
+export's ``MODEL/labels.csv``) plus the cases radiologists confirmed or corrected that neither model was
+trained on (the composition root finds them; a retrained version lists the exported images it learnt from
+in its data summary); images either one finds not assessable are left out of both. The primary
 metric is the ROC AUC of the model's first finding for a binary question (pneumonia vs normal, glaucoma
 vs normal), compared by DeLong's test, and the accuracy of the three-class answer for covid19 (normal,
 COVID-19, viral pneumonia), compared by McNemar's test. The candidate passes when its primary metric is
@@ -12,6 +14,7 @@ use) is not lower than the active model's by more than ``margin``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,12 +59,50 @@ def _score(model: BundleModel, images: list[np.ndarray]) -> list[Any]:
     return out
 
 
-def evaluate_pair(
-    name: str, active_dir: Path, candidate_dir: Path, data: Path, *, margin: float = 0.02
-) -> GateResult:
-    """Run the gate on ``data`` (a labels CSV or a folder holding one)."""
+def reference_figures(results: Sequence[Any], data: str) -> dict[str, Any]:
+    """What a version's live figures are compared with for drift (core.agreement): on a labelled set, the
+    share of images its gate finds not assessable and the mean calibrated probability of each finding over
+    the others."""
+    assessed = [r for r in results if r.assessable]
+    by_finding: dict[str, list[float]] = {}
+    for r in assessed:
+        for f in r.findings:
+            by_finding.setdefault(f.name, []).append(f.probability)
+    means = {name: round(float(np.mean(values)), 6) for name, values in by_finding.items()}
+    return {
+        "data": data,
+        "images": len(results),
+        "not_assessable_share": round(1 - len(assessed) / len(results), 6) if results else None,
+        "mean_probability": means,
+    }
+
+
+def reference_on(bundle_dir: Path, data: Path) -> dict[str, Any]:
+    """:func:`reference_figures` of one bundle on a labels CSV (or a folder holding one), for
+    ``gateway models reference``."""
     csv_path = labels_csv(data)
-    rows = read_labels(csv_path)
+    model = BundleModel(bundle_dir)
+    images = [load_any(csv_path.parent / r["path"]) for r in read_labels(csv_path)]
+    return reference_figures(_score(model, images), str(csv_path))
+
+
+def evaluate_pair(
+    name: str,
+    active_dir: Path,
+    candidate_dir: Path,
+    data: Path,
+    *,
+    margin: float = 0.02,
+    reviewed: Sequence[dict[str, str]] = (),
+    left_out: dict[str, int] | None = None,
+) -> GateResult:
+    """Run the gate on ``data`` (a labels CSV or a folder holding one) plus ``reviewed``: radiologists'
+    confirmed or corrected cases that neither model trained on, rows in the same vocabulary with absolute
+    paths (gateway.export.reviewed_evaluation). ``left_out`` (why reviewed cases were not used, counts) is
+    stored with the figures."""
+    csv_path = labels_csv(data)
+    fixed = read_labels(csv_path)
+    rows = fixed + list(reviewed)
     active, candidate = BundleModel(active_dir), BundleModel(candidate_dir)
     images = [load_any(csv_path.parent / r["path"]) for r in rows]
     a_all, c_all = _score(active, images), _score(candidate, images)
@@ -78,9 +119,12 @@ def evaluate_pair(
         "model": name,
         "evaluation_set": str(csv_path),
         "images": len(rows),
+        "fixed_images": len(fixed),
+        "reviewed_images": len(reviewed),
+        "reviewed_left_out": dict(left_out or {}),
         "assessed_by_both": len(labels),
-        "active": {"version": a.version},
-        "candidate": {"version": c.version},
+        "active": {"version": a.version, "reference": reference_figures(a_all, str(csv_path))},
+        "candidate": {"version": c.version, "reference": reference_figures(c_all, str(csv_path))},
         "margin": margin,
     }
     if name in BINARY:
@@ -163,7 +207,13 @@ def _sensitivity(
 def describe(result: GateResult) -> str:
     """Both models' figures side by side, the test, and the verdict."""
     f = result.figures
-    lines = [f"{f['model']}: {f['assessed_by_both']} of {f['images']} evaluation images assessed by both"]
+    lines = [
+        f"{f['model']}: {f['assessed_by_both']} of {f['images']} evaluation images assessed by both "
+        f"({f['fixed_images']} of the fixed set, {f['reviewed_images']} reviewed cases "
+        "neither model trained on"
+        + "".join(f", {n} {why} left out" for why, n in f["reviewed_left_out"].items() if n)
+        + ")"
+    ]
     for key in ("auc", "accuracy", "sensitivity"):
         if key in f["active"]:
             lines.append(

@@ -14,7 +14,7 @@ from api.deps import ReadSessionDep, SessionDep
 from api.pages import page
 from api.security import require
 from core.accounts import Principal
-from core.agreement import performance
+from core.agreement import DriftBand, performance
 from core.model_versions import RegistryError, set_status, versions
 
 AdminDep = Annotated[Principal, Depends(require("admin"))]
@@ -77,13 +77,24 @@ def change_status(
 
 
 @router.get("/api/models/{name}/performance")
-def model_performance(name: str, principal: ReaderDep, session: ReadSessionDep) -> dict[str, Any]:
+def model_performance(
+    request: Request, name: str, principal: ReaderDep, session: ReadSessionDep
+) -> dict[str, Any]:
     """Live agreement with the radiologists, per version, from the latest review of every report: Cohen's
     kappa; sensitivity, specificity, PPV, NPV ("any finding" positive) with Wilson 95 % intervals and
     counts; confirmation and override rates; a weekly trend; each shadow version against the active answers
-    on the same images (core.agreement)."""
+    on the same images; drift of each version's live answers from its reference figures (core.agreement)."""
     _known(session, name)
-    return performance(session, name)
+    return performance(session, name, drift_band(request))
+
+
+def drift_band(request: Request) -> DriftBand:
+    inference = request.app.state.settings.inference
+    return DriftBand(
+        not_assessable=inference.drift_not_assessable_band,
+        probability=inference.drift_probability_band,
+        min_images=inference.drift_min_images,
+    )
 
 
 #: What the weekly trend draws: (key in core.agreement.weekly, legend, CSS class of its line).
@@ -99,9 +110,9 @@ TREND_WIDTH, TREND_HEIGHT, TREND_PAD = 640, 200, 32
 def performance_page(request: Request, name: str, principal: ReaderDep, session: ReadSessionDep) -> Response:
     """The performance endpoint as a page: per version the figures with their 95 % intervals and counts, the
     weekly trend as a chart (inline SVG, drawn on the server), each shadow version against the active
-    answers on the same images."""
+    answers on the same images, drift warnings."""
     _known(session, name)
-    data = performance(session, name)
+    data = performance(session, name, drift_band(request))
     trends = {v["version"]: trend_lines(v["weekly"]) for v in data["versions"]}
     return page(
         request,

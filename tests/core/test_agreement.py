@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.main import create_app
 from api.routes.models import trend_lines
 from core.accounts import create_token, create_user
-from core.agreement import kappa, performance, wilson
+from core.agreement import DriftBand, kappa, performance, wilson
 from core.db import transaction
 from core.decisions import Answer, report_images, save_review
 from core.settings import Settings
-from core.tables import Prediction, Report
+from core.tables import ModelVersion, Prediction, Report
 from tests.peers import free_port, wait_port
 from tests.review_rows import add_study
 
@@ -160,3 +160,51 @@ def test_trend_lines_break_where_a_week_has_no_value() -> None:
     bottom = t["grid"][0]["y"]  # the 0 line
     assert t["lines"]["kappa"][0].split()[1].endswith(f",{bottom:.1f}")  # kappa < 0 drawn at 0
     assert [w["label"] for w in t["weeks"]] == ["2026-W01", "2026-W02", "2026-W03"]
+
+
+def _version(session: Session, version: str, reference: dict[str, Any] | None, status: str) -> None:
+    session.add(
+        ModelVersion(
+            name="glaucoma",
+            version=version,
+            digest="0" * 64,
+            path="/nowhere",
+            source="made",
+            data_summary={},
+            metrics={"reference": reference} if reference else {},
+            status=status,
+            changed_by="t",
+        )
+    )
+
+
+def test_drift_against_the_reference_figures(factory: sessionmaker[Session]) -> None:
+    """1.0.0 answered the six cases (probabilities 0.9 x3, 0.1 x3) and one image it found not assessable:
+    1/7 not assessable (reference 0 %: beyond the 5-point band), mean probability 3.0/6 = 0.5 (reference
+    0.35: beyond 0.10). The shadow 2.0 answered three (0.8, 0.2, 0.8: mean 0.6, reference 0.55: within)."""
+    _seed(factory)
+    with transaction(factory) as session:
+        add_study(session, models={"glaucoma": None}, modality="OP")
+        _version(
+            session, "1.0.0", {"not_assessable_share": 0.0, "mean_probability": {"glaucoma": 0.35}}, "active"
+        )
+        _version(
+            session, "2.0", {"not_assessable_share": 0.0, "mean_probability": {"glaucoma": 0.55}}, "shadow"
+        )
+    with factory() as session:
+        drift = {d["version"]: d for d in performance(session, "glaucoma", DriftBand(min_images=3))["drift"]}
+        few = {d["version"]: d for d in performance(session, "glaucoma", DriftBand(min_images=5))["drift"]}
+    old, new = drift["1.0.0"], drift["2.0"]
+    assert old["images"] == 7 and old["not_assessable_share"] == pytest.approx(1 / 7)
+    assert old["mean_probability"] == {"glaucoma": pytest.approx(0.5)}
+    assert old["status"] == "drift" and len(old["warnings"]) == 2
+    assert "14.3% of live images against 0.0%" in old["warnings"][0]
+    assert "0.500 live against 0.350" in old["warnings"][1]
+    assert new["images"] == 3 and new["mean_probability"] == {"glaucoma": pytest.approx(0.6)}
+    assert new["status"] == "ok" and new["warnings"] == []
+    assert few["2.0"]["status"] == "too few images" and few["1.0.0"]["status"] == "drift"
+    with transaction(factory) as session:
+        session.query(ModelVersion).filter(ModelVersion.version == "2.0").delete()
+    with factory() as session:
+        (unmeasured,) = [d for d in performance(session, "glaucoma")["drift"] if d["version"] == "2.0"]
+    assert unmeasured["status"] == "no reference" and unmeasured["reference"] is None

@@ -19,8 +19,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from api import security
 from api.deps import SessionDep
 from api.pages import NOTICE, STATIC_DIR, page
-from api.routes import admin, auth, decisions, dicomweb, exports, health, models, review, studies
+from api.routes import admin, auth, decisions, dicomweb, exports, health, models, review, studies, upload
 from api.routes.exports import Exporter
+from api.routes.upload import DiscProposer
 from api.security import Authenticated
 from core.settings import Settings
 from core.storage import Storage
@@ -31,10 +32,15 @@ PUBLIC_PATHS = ("/healthz", "/readyz", "/login", "/static")
 
 
 def create_app(
-    session_factory: sessionmaker[Session], settings: Settings, *, exporter: Exporter | None = None
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    *,
+    exporter: Exporter | None = None,
+    disc_proposer: DiscProposer | None = None,
 ) -> FastAPI:
     """The HTTP API and pages; ``exporter`` makes label exports (the composition root's: it needs the
-    models' image reading); without it ``POST /api/exports`` answers 503."""
+    models' image reading); without it ``POST /api/exports`` answers 503. ``disc_proposer`` proposes the
+    optic-disc crop of an uploaded photograph (the localiser of the models; without it the user draws it)."""
     # No Swagger UI (it loads scripts from a CDN and runs inline script); the schema is at /api/openapi.json.
     app = FastAPI(
         title="screening-gateway",
@@ -47,6 +53,7 @@ def create_app(
     app.state.session_factory = session_factory
     app.state.settings = settings
     app.state.exporter = exporter
+    app.state.disc_proposer = disc_proposer
     app.state.storage = Storage(settings.storage_dir, reserve_bytes=settings.storage.reserve_bytes)
     # STOW-RS parses and stores in threads of its own, so uploads never take the other routes' threads.
     app.state.stow_limiter = anyio.CapacityLimiter(settings.http.stow_threads)
@@ -91,4 +98,5 @@ def create_app(
     app.include_router(health.router)
     app.include_router(exports.router)
     app.include_router(models.router)
+    app.include_router(upload.router)
     return app

@@ -27,11 +27,12 @@ from core.tables import ApiToken, LoginAttempt, User, WebSession, utcnow
 ROLES = ("radiologist", "data", "admin")
 
 #: What each role may do. studies:read — study lists and details; review — worklist, cases, decisions;
-#: export — de-identified label exports; stow — DICOMweb STOW-RS; admin — users, tokens, audit.
+#: export — de-identified label exports; stow — DICOMweb STOW-RS; upload — JPEG/PNG/DICOM upload from the
+#: browser; admin — users, tokens, audit.
 ROLE_SCOPES: dict[str, frozenset[str]] = {
-    "radiologist": frozenset({"studies:read", "review"}),
+    "radiologist": frozenset({"studies:read", "review", "upload"}),
     "data": frozenset({"export"}),
-    "admin": frozenset({"studies:read", "stow", "admin"}),
+    "admin": frozenset({"studies:read", "stow", "upload", "admin"}),
 }
 SCOPES = frozenset().union(*ROLE_SCOPES.values())
 

@@ -374,6 +374,17 @@ class IngestSettings(BaseModel):
     max_elements: int = Field(500_000, ge=1)
 
 
+class UploadSettings(BaseModel):
+    """Browser upload of JPEG/PNG/DICOM images (POST /api/upload)."""
+
+    #: Bytes of one uploaded file; larger files are refused with 413.
+    max_file_bytes: int = Field(50 << 20, ge=1)
+    #: Files in one upload (one study for the JPEG/PNG files).
+    max_files: int = Field(20, ge=1)
+    #: Pixels of one JPEG/PNG image, read from its header before it is decoded (decompression bombs).
+    max_pixels: int = Field(60_000_000, ge=1)
+
+
 class StorageSettings(BaseModel):
     #: Free space (bytes) kept on the storage volume: below it C-STORE answers 0xA700 and STOW 507.
     reserve_bytes: int = Field(1 << 30, ge=0)
@@ -435,6 +446,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = DicomSettings()
     ingest: IngestSettings = IngestSettings()
     storage: StorageSettings = StorageSettings()
+    upload: UploadSettings = UploadSettings()
     http: HttpSettings = HttpSettings()
     auth: AuthSettings = AuthSettings()
     completion: CompletionSettings = CompletionSettings()

@@ -58,6 +58,12 @@ def _settings() -> Settings:
     return settings
 
 
+def _disc_proposer() -> Callable[[Any], tuple[int, int, int]]:
+    from gateway.models import propose_disc_crop
+
+    return propose_disc_crop
+
+
 def _runtime(
     settings: Settings, *, migrate: bool, ingests: bool = True, durable_commits: bool = True
 ) -> Runtime:
@@ -124,7 +130,7 @@ def serve(
     receivers.start()
     workers.start()
     config = uvicorn.Config(
-        create_app(rt.factory, settings, exporter=_exporter(rt)),
+        create_app(rt.factory, settings, exporter=_exporter(rt), disc_proposer=_disc_proposer()),
         host=settings.http.host,
         port=settings.http.port,
         log_level="warning",

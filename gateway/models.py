@@ -15,6 +15,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import model_versions
@@ -143,3 +144,16 @@ class LiveModels:
                 return None
             self._loaded[(path, version)] = model
         return model
+
+
+def propose_disc_crop(rgb: np.ndarray) -> tuple[int, int, int]:
+    """The square optic-disc crop the glaucoma model's localiser would read, for the upload page to propose:
+    (x, y, size) in the photograph's pixels, inside the image."""
+    from inference.optic_disc import locate_disc
+
+    h, w = rgb.shape[:2]
+    location = locate_disc(np.asarray(rgb, dtype=np.float32) / 255.0)
+    size = int(max(32, min(round(location.crop_side), w, h)))
+    x = int(min(max(0, round(location.cx - size / 2)), w - size))
+    y = int(min(max(0, round(location.cy - size / 2)), h - size))
+    return x, y, size

@@ -78,7 +78,7 @@ def test_session_ends_when_idle_and_at_its_absolute_end(factory: sessionmaker[Se
         cookie = a.start_session(s, a.require_user(s, "alice"), "10.0.0.1", auth)
     with transaction(factory) as s:
         principal = a.resolve_session(s, cookie, auth)
-        assert principal is not None and principal.scopes == {"studies:read", "review"}
+        assert principal is not None and principal.scopes == {"studies:read", "review", "upload"}
         assert principal.csrf_token and principal.actor == "user:alice"
     time.sleep(1.5)
     with transaction(factory) as s:

@@ -128,7 +128,7 @@ def test_sign_in_sets_a_strict_http_only_cookie_and_sign_out_ends_it(server: Api
         assert me == {
             "username": name,
             "role": "radiologist",
-            "scopes": ["review", "studies:read"],
+            "scopes": ["review", "studies:read", "upload"],
             "via": "session",
         }
         page = client.get("/", headers={"Accept": "text/html"}).text

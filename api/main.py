@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -18,17 +19,33 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from api import security
 from api.deps import SessionDep
+from api.metrics import metrics_registry
 from api.pages import NOTICE, STATIC_DIR, page
-from api.routes import admin, auth, decisions, dicomweb, exports, health, models, review, studies, upload
+from api.routes import (
+    admin,
+    auth,
+    decisions,
+    dicomweb,
+    exports,
+    health,
+    metrics,
+    models,
+    report,
+    review,
+    studies,
+    upload,
+)
 from api.routes.exports import Exporter
+from api.routes.health import ReadinessCheck
 from api.routes.upload import DiscProposer
 from api.security import Authenticated
 from core.settings import Settings
 from core.storage import Storage
 from orthanc import webhook as orthanc_webhook
 
-#: Routes anyone may call: the liveness and readiness probes, signing in, the pages' stylesheets and scripts.
-PUBLIC_PATHS = ("/healthz", "/readyz", "/login", "/static")
+#: Routes anyone may call: the liveness and readiness probes, signing in, the pages' stylesheets and scripts;
+#: and /metrics, from this host only (api.routes.metrics).
+PUBLIC_PATHS = ("/healthz", "/readyz", "/login", "/static", "/metrics")
 
 
 def create_app(
@@ -37,10 +54,12 @@ def create_app(
     *,
     exporter: Exporter | None = None,
     disc_proposer: DiscProposer | None = None,
+    checks: Mapping[str, ReadinessCheck] | None = None,
 ) -> FastAPI:
     """The HTTP API and pages; ``exporter`` makes label exports (the composition root's: it needs the
     models' image reading); without it ``POST /api/exports`` answers 503. ``disc_proposer`` proposes the
-    optic-disc crop of an uploaded photograph (the localiser of the models; without it the user draws it)."""
+    optic-disc crop of an uploaded photograph (the localiser of the models; without it the user draws it).
+    ``checks`` are further readiness checks by name (the DICOM listener, the models: what api/ cannot see)."""
     # No Swagger UI (it loads scripts from a CDN and runs inline script); the schema is at /api/openapi.json.
     app = FastAPI(
         title="screening-gateway",
@@ -55,6 +74,8 @@ def create_app(
     app.state.exporter = exporter
     app.state.disc_proposer = disc_proposer
     app.state.storage = Storage(settings.storage_dir, reserve_bytes=settings.storage.reserve_bytes)
+    app.state.readiness_checks = dict(checks or {})
+    app.state.metrics = metrics_registry(session_factory, app.state.storage, settings)
     # STOW-RS parses and stores in threads of its own, so uploads never take the other routes' threads.
     app.state.stow_limiter = anyio.CapacityLimiter(settings.http.stow_threads)
     # A page on another site must not reach us through a DNS name it points at 127.0.0.1 (DNS rebinding).
@@ -96,7 +117,9 @@ def create_app(
     app.include_router(orthanc_webhook.router)
     app.include_router(dicomweb.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(exports.router)
     app.include_router(models.router)
     app.include_router(upload.router)
+    app.include_router(report.router)
     return app

@@ -28,11 +28,12 @@ ROLES = ("radiologist", "data", "admin")
 
 #: What each role may do. studies:read — study lists and details; review — worklist, cases, decisions;
 #: export — de-identified label exports; stow — DICOMweb STOW-RS; upload — JPEG/PNG/DICOM upload from the
-#: browser; admin — users, tokens, audit.
+#: browser; admin — users, tokens, audit; metrics — GET /metrics (a scraper's token: `gateway tokens create
+#: --user USER --scope metrics`).
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "radiologist": frozenset({"studies:read", "review", "upload"}),
     "data": frozenset({"export"}),
-    "admin": frozenset({"studies:read", "stow", "upload", "admin"}),
+    "admin": frozenset({"studies:read", "stow", "upload", "admin", "metrics"}),
 }
 SCOPES = frozenset().union(*ROLE_SCOPES.values())
 

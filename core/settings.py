@@ -138,6 +138,9 @@ class HttpSettings(BaseModel):
     stow_idle_seconds: float = Field(60.0, gt=0)
     #: Worker threads STOW-RS requests share for parsing and storing, apart from the other routes' pool.
     stow_threads: int = Field(4, ge=1, le=64)
+    #: GET /metrics without credentials from this host (127.0.0.1, ::1); set false when a reverse proxy on
+    #: this host forwards other hosts' requests without X-Forwarded-For (they would look local).
+    metrics_from_loopback: bool = True
 
     _split = field_validator("allowed_hosts", mode="before")(classmethod(lambda cls, v: _env_list(v)))
 

@@ -1,6 +1,7 @@
 """Who may hold a connection or an association slot of the listener: the bookkeeping behind its limits.
 
-Pure counting under one lock; :mod:`dicom_listener.transport` applies it to sockets and pynetdicom.
+Pure counting under one lock (and into the metrics of :mod:`core.metrics`); :mod:`dicom_listener.transport`
+applies it to sockets and pynetdicom.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
+from core.metrics import ASSOCIATIONS_ACCEPTED, ASSOCIATIONS_OPEN, ASSOCIATIONS_REFUSED, count
 from core.settings import DicomSettings
 
 
@@ -63,6 +65,7 @@ class Gate:
                 and self._per_host[host] >= limit
                 and not is_trusted(host, self.settings.trusted_networks)
             ):
+                count(ASSOCIATIONS_REFUSED, "address_limit")
                 return None
             if len(self._pending) >= self.settings.max_pending_connections:
                 _, victim = self._pending.popitem(last=False)
@@ -88,10 +91,13 @@ class Gate:
         """Take an association slot (False: all taken)."""
         with self._lock:
             if self._associations >= self.settings.maximum_associations:
+                count(ASSOCIATIONS_REFUSED, "association_limit")
                 return False
             self._associations += 1
             ticket.associated = True
-            return True
+        count(ASSOCIATIONS_ACCEPTED)
+        count(ASSOCIATIONS_OPEN)
+        return True
 
     def close(self, ticket: Ticket) -> None:
         """Give back everything ``ticket`` holds; call it before closing the socket."""
@@ -103,9 +109,11 @@ class Gate:
             self._per_host[ticket.host] -= 1
             if self._per_host[ticket.host] <= 0:
                 del self._per_host[ticket.host]
-            if ticket.associated:
-                self._associations -= 1
-                ticket.associated = False
+            if not ticket.associated:
+                return
+            self._associations -= 1
+            ticket.associated = False
+        count(ASSOCIATIONS_OPEN, amount=-1)
 
     def counts(self) -> tuple[int, int, int]:
         """(connections, pending connections, associations) right now."""

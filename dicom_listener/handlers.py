@@ -24,6 +24,7 @@ from core.ingest import (
     store_instance,
     validate_instance,
 )
+from core.metrics import DIMSE, count_instance
 from core.settings import IngestSettings
 from core.storage import DirectTempFile, Storage
 
@@ -118,11 +119,13 @@ def handle_store(
             exc,
             _safe_uid(request),
         )
+        count_instance(DIMSE, status)
         return _status(status, str(exc))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # nothing a sender's bytes cause may escape into pynetdicom's thread
         log.warning("C-STORE from %s: unreadable dataset (%s)", calling_ae, describe(exc, 120))
+        count_instance(DIMSE, CANNOT_UNDERSTAND)
         return _status(CANNOT_UNDERSTAND, f"unreadable dataset: {describe(exc)}")
     studies.add(id(event.assoc), meta.study_instance_uid)
     log.info(
@@ -132,6 +135,7 @@ def handle_store(
         calling_ae,
         " (duplicate)" if stored.duplicate else "",
     )
+    count_instance(DIMSE, SUCCESS)
     return SUCCESS
 
 

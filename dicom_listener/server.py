@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -62,6 +64,24 @@ class Listener:
         self.server.shutdown()
         if self.tls_server is not None:
             self.tls_server.shutdown()
+
+    def check(self, timeout: float = 2.0) -> str | None:
+        """Why the listener does not answer, or None: a TCP connection to the plain port must be accepted and,
+        once this side has sent nothing and shut its half, closed by the listener's connection thread (the
+        kernel alone would accept it; only a live acceptor closes it). Logged at DEBUG there, not counted."""
+        host, port = str(self.server.server_address[0]), self.port
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                sock.shutdown(socket.SHUT_WR)
+                with contextlib.suppress(ConnectionResetError):  # closed, and less politely
+                    while sock.recv(1024):
+                        pass
+        except TimeoutError:
+            return f"DICOM listener on port {port} took a connection but did not close it in {timeout:g} s"
+        except OSError as exc:
+            return f"DICOM listener on port {port} does not answer: {exc.strerror or exc}"
+        return None
 
 
 def build_ae(settings: DicomSettings) -> AE:

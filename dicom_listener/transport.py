@@ -51,6 +51,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from core.metrics import ASSOCIATIONS_REFUSED, count
 from core.settings import DicomSettings
 from dicom_listener.admission import Gate, Ticket
 from dicom_listener.reactor import make_quiet
@@ -68,9 +69,13 @@ _REJECT_LINGER = 1.0
 
 
 class _Dropped(Exception):
-    def __init__(self, reason: str, abort: int | None = None) -> None:
+    """``quiet``: the peer closed without sending a byte (a TCP health check, /readyz's listener probe), which
+    is logged at DEBUG and not counted as a refusal."""
+
+    def __init__(self, reason: str, abort: int | None = None, *, quiet: bool = False) -> None:
         super().__init__(reason)
         self.abort = abort
+        self.quiet = quiet
 
 
 class PduGuardSocket(AssociationSocket):
@@ -202,6 +207,10 @@ class GuardedRequestHandler(RequestHandler):
             except Exception as exc:
                 raise _Dropped(f"undecodable A-ASSOCIATE-RQ ({exc})", _INVALID) from None
         except _Dropped as exc:
+            if exc.quiet and not ticket.evicted:
+                log.debug("connection from %s %s", ticket.host, exc)
+                return
+            count(ASSOCIATIONS_REFUSED, "bad_request")
             if ticket.evicted:
                 log.warning("connection from %s dropped: displaced by newer connections", ticket.host)
             else:
@@ -212,6 +221,7 @@ class GuardedRequestHandler(RequestHandler):
         calling = pdu.calling_ae_title.strip()
         if gate.allowed_calling_aes and calling not in gate.allowed_calling_aes:
             log.warning("association from %s refused: calling AE %r not allowed", ticket.host, calling)
+            count(ASSOCIATIONS_REFUSED, "calling_ae")
             _reject(sock, result=0x01, source=0x01, reason=0x03)  # permanent, calling AE not recognised
             return
         if not gate.admit(ticket):
@@ -389,7 +399,7 @@ def _read_request(sock: socket.socket, deadline: float, settings: DicomSettings)
             sock.do_handshake()
         except (OSError, ValueError) as exc:
             raise _Dropped(f"TLS handshake failed ({exc})") from None
-    header = _recv_exactly(sock, 6, deadline, settings)
+    header = _recv_exactly(sock, 6, deadline, settings, silent_close=True)
     pdu_type, _, length = _HEADER.unpack(header)
     if pdu_type != _ASSOCIATE_RQ:
         if pdu_type == _ABORT:
@@ -403,7 +413,10 @@ def _read_request(sock: socket.socket, deadline: float, settings: DicomSettings)
     return header + _recv_exactly(sock, length, deadline, settings)
 
 
-def _recv_exactly(sock: socket.socket, n: int, deadline: float, settings: DicomSettings) -> bytes:
+def _recv_exactly(
+    sock: socket.socket, n: int, deadline: float, settings: DicomSettings, *, silent_close: bool = False
+) -> bytes:
+    """``n`` bytes by ``deadline``; ``silent_close``: a peer that closes before the first byte is quiet."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -421,6 +434,8 @@ def _recv_exactly(sock: socket.socket, n: int, deadline: float, settings: DicomS
         except (OSError, ValueError) as exc:
             raise _Dropped(f"connection failed ({exc})") from None
         if k == 0:
+            if silent_close and got == 0:
+                raise _Dropped("closed without sending anything", quiet=True)
             raise _Dropped("closed before a complete A-ASSOCIATE-RQ")
         got += k
     return bytes(buf)

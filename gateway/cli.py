@@ -84,6 +84,8 @@ def serve(
     ] = True,
 ) -> None:
     """Run the DICOM listener and the HTTP API, and supervise GATEWAY_WORKER__PROCESSES worker processes."""
+    settings = _settings()
+    _share_metrics(settings.data_dir / "metrics")  # before anything imports prometheus-client
     import uvicorn
 
     from api.main import create_app
@@ -92,9 +94,9 @@ def serve(
     from dicom_listener.receivers import ReceiverPool
     from dicom_listener.server import receive_into
     from dicom_listener.server import serve as serve_dicom
+    from gateway.readiness import ModelCheck
     from gateway.supervisor import Supervisor, receiver_command, worker_command
 
-    settings = _settings()
     rt = _runtime(settings, migrate=migrate)
     receive_into(rt.storage)
     _register_models(rt)
@@ -129,8 +131,13 @@ def serve(
         signal.signal(signum, _exit_on_signal)
     receivers.start()
     workers.start()
+    models = ModelCheck(rt.factory, settings)
+    threading.Thread(target=models.warm, name="models-check", daemon=True).start()  # for the first probe
+    checks: dict[str, Callable[[], str | None]] = {"listener": listener.check, "models": models}
     config = uvicorn.Config(
-        create_app(rt.factory, settings, exporter=_exporter(rt), disc_proposer=_disc_proposer()),
+        create_app(
+            rt.factory, settings, exporter=_exporter(rt), disc_proposer=_disc_proposer(), checks=checks
+        ),
         host=settings.http.host,
         port=settings.http.port,
         log_level="warning",
@@ -143,6 +150,24 @@ def serve(
         receivers.stop()
         workers.stop()
         rt.close()
+
+
+def _share_metrics(folder: Path) -> None:
+    """Put prometheus-client in multiprocess mode for this process and the receivers and workers it starts
+    (they inherit the variable): each writes its counters and histograms to files of its own in ``folder``,
+    emptied now (a previous run's), which GET /metrics sums (core.metrics). The library picks the mode when
+    it is first imported, so this must come first."""
+    import shutil
+
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.mkdir(parents=True)
+    except OSError as exc:
+        typer.echo(f"cannot start: metrics folder {folder}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 def _exporter(rt: Runtime) -> Callable[[Any, str, str], tuple[Path, dict[str, Any]]]:

@@ -24,6 +24,7 @@ from core.db import read_session, transaction
 from core.domain import ImageResult, InstanceRef, ModelInfo
 from core.encoding import describe, printable
 from core.jobs import RENDER_STUDY, ClaimedJob, PermanentError, enqueue
+from core.metrics import INFERENCE_SECONDS, timed
 from core.tables import (
     AuditEvent,
     Instance,
@@ -148,7 +149,8 @@ def _run_shadow(
     this study), never a report, a delivery or a worklist entry; its failure never fails the study."""
     info = model.info
     try:
-        results = run_model(model, refs, limits=rt.settings.ingest, decoded=decoded)
+        with timed(INFERENCE_SECONDS, info.name, info.version):
+            results = run_model(model, refs, limits=rt.settings.ingest, decoded=decoded)
         with transaction(rt.factory) as session:
             by_sop = {i.sop_instance_uid: i.id for i in _instances(rt, [r.sop_instance_uid for r in refs])}
             session.execute(
@@ -210,9 +212,10 @@ def _report_model(
         return
 
     captures_wanted = rt.settings.reporting.secondary_capture
-    results: list[ImageResult] = run_model(
-        model, refs, with_heatmap=captures_wanted, limits=rt.settings.ingest, decoded=decoded
-    )
+    with timed(INFERENCE_SECONDS, model_name, model.info.version):
+        results: list[ImageResult] = run_model(
+            model, refs, with_heatmap=captures_wanted, limits=rt.settings.ingest, decoded=decoded
+        )
     sources: dict[str, pydicom.Dataset] = {}
     left_out: dict[str, str] = {}
     for ref in refs:

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # Real peers the tests start: dcmtk (storescu/storescp/echoscu and its JPEG/JPEG-LS/RLE encoders),
 # dicom3tools (dciodvfy validates every SR), PostgreSQL server binaries (each test session starts its own
 # cluster on a free loopback port), Orthanc 1.10 with its Python plugin (started per test on free ports),
-# openssl (throw-away certificates for the DICOM TLS tests), chromium (the browser tests drive it with Playwright).
+# openssl (throw-away certificates for the DICOM TLS tests), chromium (the browser tests drive it with Playwright),
+# poppler-utils (pdftotext/pdftoppm read the PDF reports), Pango (WeasyPrint renders them).
 need=()
 [ -x /usr/bin/storescu ] || need+=(dcmtk)  # by path: pynetdicom installs a storescu of its own
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
@@ -17,6 +18,8 @@ command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # Playwright drives Debian's chromium (no browser download)
+command -v pdftotext >/dev/null 2>&1 || need+=(poppler-utils)  # the PDF tests read reports with pdftotext
+ldconfig -p 2>/dev/null | grep -q libpango-1.0 || need+=(libpango-1.0-0 libpangoft2-1.0-0)  # WeasyPrint
 command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
 if ((${#need[@]})); then
   sudo=""

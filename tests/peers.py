@@ -255,6 +255,26 @@ def create_database(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """An ASGI ``app`` served by uvicorn on a free loopback port, in a thread of this process, with uvicorn's
+    defaults as `gateway serve` runs it (X-Forwarded-For believed from 127.0.0.1); yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for("the API to start", lambda: server.started, timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 #: HTTP port -> the GATEWAY_* settings of the `gateway serve` started on it (tests.accounts.port_headers).
 SERVED: dict[int, dict[str, str]] = {}
 

@@ -35,6 +35,7 @@ from core.ingest import (
     store_instance,
     validate_instance,
 )
+from core.metrics import STOW, STOW_REQUESTS, count, count_instance
 from core.settings import IngestSettings, Settings
 from core.storage import Storage
 
@@ -93,6 +94,7 @@ async def stow(request: Request) -> Response:
         max_part_bytes=settings.ingest.max_instance_bytes,
     )
     spool: PartSpool | None = None
+    status = 500  # what an unexpected exception becomes
     try:
         spool = PartSpool(request.headers.get("content-type", ""), storage, limits)
         await run(_check_declared_length, request.headers.get("content-length"), storage, limits)
@@ -104,12 +106,15 @@ async def stow(request: Request) -> Response:
         await run(_released, factory, {o.study_uid for o in outcomes if o.study_uid})
         content, status = await run(_response, outcomes)
     except BodyRefused as exc:
+        status = exc.status
         log.warning("STOW-RS request refused with %d: %s", exc.status, exc)
         raise HTTPException(exc.status, detail=str(exc)) from None
     except ClientDisconnect:
+        status = 400
         log.info("STOW-RS client went away before the end of its request body")
         return Response(status_code=400)
     finally:
+        count(STOW_REQUESTS, str(status))
         if spool is not None:
             with anyio.CancelScope(shield=True):
                 await run(spool.discard)
@@ -170,15 +175,18 @@ def _store_part(
         store_instance(storage, factory, meta, data, source="stow")
     except IngestError as exc:
         reason = _REASON.get(exc.kind, CANNOT_UNDERSTAND)
+        count_instance(STOW, reason)
         log.info("STOW-RS part %s refused (0x%04X): %s", sop_instance or "<no valid UID>", reason, exc)
         return PartOutcome(_item(sop_class, sop_instance, reason), storage_full=exc.kind == "storage")
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # whatever a malformed dataset raises while it is read
         log.info("STOW-RS part %s unreadable (%s)", sop_instance or "<no valid UID>", type(exc).__name__)
+        count_instance(STOW, CANNOT_UNDERSTAND)
         return PartOutcome(_item(sop_class, sop_instance, CANNOT_UNDERSTAND))
     finally:
         path.unlink(missing_ok=True)
+    count_instance(STOW, 0x0000)
     return PartOutcome(_item(meta.sop_class_uid, meta.sop_instance_uid), study_uid=meta.study_instance_uid)
 
 

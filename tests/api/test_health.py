@@ -1,9 +1,11 @@
 """/readyz against the real app on a real port, over SQLite and PostgreSQL: 503 without a live worker, with a
-due job waiting past the bound, or without a database; 200 with the workers and the queue otherwise. The
-workers are real: their heartbeat rows come from a running worker loop."""
+due job waiting past the bound, without a database, with a read-only or full storage volume, or with the DICOM
+listener stopped; 200 with the workers and the queue otherwise. The workers are real (their heartbeat rows
+come from a running worker loop), the read-only volume a real file system and the listener a real one."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,21 +16,22 @@ from typing import Any
 
 import pytest
 import requests
-import uvicorn
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
+from api.routes.health import ReadinessCheck
 from core import jobs
 from core.db import make_engine, make_sessionmaker, transaction
 from core.heartbeat import record_heartbeat
-from core.settings import Settings, WorkerSettings
+from core.settings import DicomSettings, Settings, StorageSettings, WorkerSettings
 from core.storage import Storage
 from core.tables import Job, WorkerHeartbeat, utcnow
 from gateway import worker as worker_module
 from gateway.runtime import Runtime
 from gateway.worker import Worker
-from tests.peers import free_port, wait_for
+from tests.mounts import tmpfs
+from tests.peers import free_port, receiving_into, serving, wait_for
 
 HELD = "test_health_held"
 
@@ -45,19 +48,14 @@ def _settings(tmp_path: Path, **worker: Any) -> Settings:
 
 
 @contextmanager
-def _api(factory: sessionmaker[Session], settings: Settings) -> Iterator[str]:
-    """The HTTP API served by uvicorn on a free loopback port, in a thread of this process."""
-    port = free_port()
-    config = uvicorn.Config(create_app(factory, settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for("the API to start", lambda: server.started, timeout=30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+def _api(
+    factory: sessionmaker[Session], settings: Settings, checks: dict[str, ReadinessCheck] | None = None
+) -> Iterator[str]:
+    """The HTTP API served by uvicorn on a free loopback port, in a thread of this process, its storage
+    prepared as `gateway serve` prepares it."""
+    Storage(settings.storage_dir).prepare()
+    with serving(create_app(factory, settings, checks=checks)) as url:
+        yield url
 
 
 def _ready(url: str) -> tuple[int, dict[str, Any]]:
@@ -192,3 +190,73 @@ def test_no_database_signed_in_routes_answer_503(tmp_path: Path) -> None:
                 assert rsp.status_code == 503 and rsp.json()["detail"].startswith("database unavailable")
     finally:
         engine.dispose()
+
+
+def _alive(factory: sessionmaker[Session]) -> None:
+    record_heartbeat(factory, worker_id="alive", started_at=utcnow(), current_job_id=None)
+
+
+def test_a_read_only_storage_volume_is_not_ready(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "var", 8 << 20):
+        settings = _settings(tmp_path).model_copy(update={"storage": StorageSettings(reserve_bytes=0)})
+        with _api(factory, settings) as url:
+            _alive(factory)
+            code, body = _ready(url)
+            assert code == 200 and body["checks"] == {"storage": "ok"}, body
+            remount = ["mount", "-o", "remount,ro", str(tmp_path / "var")]
+            subprocess.run(remount, check=True, capture_output=True)
+            try:
+                code, body = _ready(url)
+            finally:
+                subprocess.run([*remount[:2], "remount,rw", remount[3]], check=True, capture_output=True)
+            tmp_dir = settings.storage_dir.resolve() / "tmp"
+            reason = f"storage folder {tmp_dir} is not writable: Read-only file system"
+            assert code == 503 and body["status"] == "not ready", body
+            assert body["reasons"] == [reason] and body["checks"] == {"storage": reason}
+            assert body["database"] == "ok" and body["workers_alive"] == 1
+            assert _ready(url)[0] == 200  # writable again
+
+
+def test_storage_at_its_reserve_is_not_ready(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    settings = _settings(tmp_path).model_copy(update={"storage": StorageSettings(reserve_bytes=1 << 60)})
+    with _api(factory, settings) as url:
+        _alive(factory)
+        code, body = _ready(url)
+        [reason] = body["reasons"]
+        assert code == 503 and reason.startswith("storage volume at its free-space reserve: ")
+        assert reason.endswith(f"bytes free, GATEWAY_STORAGE__RESERVE_BYTES {1 << 60}")
+
+
+def test_the_listener_check_follows_a_real_listener(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    from dicom_listener.server import serve
+
+    settings = _settings(tmp_path).model_copy(update={"dicom": DicomSettings(host="127.0.0.1", port=0)})
+    storage = Storage(settings.storage_dir)
+    storage.prepare()
+    with receiving_into(storage):
+        listener = serve(settings, storage, factory)
+        running = True
+        try:
+            checks: dict[str, ReadinessCheck] = {"listener": listener.check}
+            with _api(factory, settings, checks) as url:
+                _alive(factory)
+                code, body = _ready(url)
+                assert code == 200 and body["checks"] == {"storage": "ok", "listener": "ok"}, body
+                listener.shutdown()
+                running = False
+                code, body = _ready(url)
+        finally:
+            if running:
+                listener.shutdown()
+    reason = f"DICOM listener on port {listener.port} does not answer: Connection refused"
+    assert code == 503 and body["reasons"] == [reason] and body["checks"]["listener"] == reason
+
+
+def test_a_check_that_raises_is_a_failed_check(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    def broken() -> str | None:
+        raise OSError("no such thing")
+
+    with _api(factory, _settings(tmp_path), {"models": broken}) as url:
+        _alive(factory)
+        code, body = _ready(url)
+    assert code == 503 and body["reasons"] == ["models check failed: OSError: no such thing"]

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from core.labels import label_title
-from tests.accounts import PASSWORD, add_user
+from tests.browser.pages import sign_in
 from tests.peers import wait_for
 from tests.reporting.dciodvfy import assert_dciodvfy_clean
 from tests.review_site import XSS_NAME, Site, review_site
@@ -28,19 +28,6 @@ CANVAS = "document.querySelector('canvas#view').toDataURL()"
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with review_site(tmp_path_factory.mktemp("review")) as site:
         yield site
-
-
-def _sign_in(browser: Any, site: Site, role: str = "radiologist", full_name: str | None = None) -> Any:
-    """A page of a new browser context, signed in as a new user with ``role``; page errors fail the test."""
-    name = add_user(site.db, role, full_name=full_name)
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    page.on("pageerror", lambda exc: pytest.fail(f"script error on the page: {exc}"))
-    page.goto(f"{site.url}/login")
-    page.fill("input[name=username]", name)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{site.url}/")
-    return page
 
 
 def _case_json(page: Any, site: Site, uid: str) -> dict[str, Any]:
@@ -75,7 +62,7 @@ def _history(page: Any) -> list[list[str]]:
 
 
 def test_worklist_lists_filters_counts_and_orders_cases(browser: Any, site: Site, artifacts: Path) -> None:
-    page = _sign_in(browser, site, full_name="Wanda Worklist")
+    page = sign_in(browser, site, full_name="Wanda Worklist")
     response = page.goto(f"{site.url}/worklist")
     assert response is not None and response.status == 200
     assert page.locator("#total").inner_text().startswith("3 cases")
@@ -104,7 +91,7 @@ def test_worklist_lists_filters_counts_and_orders_cases(browser: Any, site: Site
 def test_case_page_shows_header_as_text_and_drives_the_viewer(
     browser: Any, site: Site, artifacts: Path
 ) -> None:
-    page = _sign_in(browser, site)
+    page = sign_in(browser, site)
     _open_case(page, site, site.studies["chest"])
     assert "<script>" in XSS_NAME and XSS_NAME in page.locator("#patient-name").inner_text()  # as text
     assert "<b>bold</b> chest" in page.locator("#study-description").inner_text()
@@ -141,7 +128,7 @@ def test_case_page_shows_header_as_text_and_drives_the_viewer(
 
 
 def test_keyboard_decisions_corrections_and_revisions(browser: Any, site: Site, artifacts: Path) -> None:
-    page = _sign_in(browser, site, full_name="Kim Keys")
+    page = sign_in(browser, site, full_name="Kim Keys")
     first, two = site.studies["chest"], site.studies["chest2"]
     _open_case(page, site, first)
     assert _case_json(page, site, first)["history"] == []
@@ -213,7 +200,7 @@ def _referenced_uids(ds: pydicom.Dataset) -> set[str]:
 
 
 def test_verified_reports_reach_the_pacs_and_are_valid(browser: Any, site: Site) -> None:
-    page = _sign_in(browser, site)
+    page = sign_in(browser, site)
     uid = site.studies["chest"]
     case = _case_json(page, site, uid)
     assert case["history"], "run after the keyboard decisions test"
@@ -240,13 +227,13 @@ def test_verified_reports_reach_the_pacs_and_are_valid(browser: Any, site: Site)
 
 
 def test_other_roles_are_refused(browser: Any, site: Site) -> None:
-    page = _sign_in(browser, site, role="data")
+    page = sign_in(browser, site, role="data")
     response = page.goto(f"{site.url}/cases/{site.studies['fundus']}")
     assert response is not None and response.status == 403
     assert "does not allow this" in page.locator("main").inner_text()
     assert page.locator("canvas#view").count() == 0
     page.context.close()
-    page = _sign_in(browser, site)
+    page = sign_in(browser, site)
     response = page.goto(f"{site.url}/admin/users")
     assert response is not None and response.status == 403
     assert "does not allow this" in page.locator("main").inner_text()
@@ -254,7 +241,7 @@ def test_other_roles_are_refused(browser: Any, site: Site) -> None:
 
 
 def test_cross_origin_review_post_is_refused(browser: Any, site: Site) -> None:
-    page = _sign_in(browser, site)
+    page = sign_in(browser, site)
     uid = site.studies["fundus"]
     _open_case(page, site, uid)
     (model,) = _case_json(page, site, uid)["models"]

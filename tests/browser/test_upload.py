@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests import factories as f
-from tests.accounts import PASSWORD, add_user
+from tests.browser.pages import sign_in
 from tests.review_site import Site, review_site
 
 pytestmark = [pytest.mark.e2e]
@@ -25,18 +25,6 @@ pytestmark = [pytest.mark.e2e]
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with review_site(tmp_path_factory.mktemp("upload-page")) as site:
         yield site
-
-
-def _sign_in(browser: Any, site: Site) -> Any:
-    name = add_user(site.db, "radiologist", full_name="Ulla Uploader")
-    page = browser.new_context(viewport={"width": 1300, "height": 1100}).new_page()
-    page.on("pageerror", lambda exc: pytest.fail(f"script error on the page: {exc}"))
-    page.goto(f"{site.url}/login")
-    page.fill("input[name=username]", name)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{site.url}/")
-    return page
 
 
 def _write(path: Path, pixels: np.ndarray, fmt: str) -> Path:
@@ -65,7 +53,7 @@ def test_upload_a_fundus_photograph_with_a_moved_crop(
     browser: Any, site: Site, artifacts: Path, tmp_path: Path
 ) -> None:
     photo = _write(tmp_path / "eye.jpg", f.fundus_rgb(size=640, index=5), "JPEG")
-    page = _sign_in(browser, site)
+    page = sign_in(browser, site, full_name="Ulla Uploader", viewport=(1300, 1100))
     page.click("nav a[href='/upload']")
     page.wait_for_selector("#upload-form")
     page.check("input[name=kind][value=fundus]")
@@ -108,7 +96,7 @@ def test_upload_a_chest_png_and_see_its_result(
     browser: Any, site: Site, artifacts: Path, tmp_path: Path
 ) -> None:
     chest = _write(tmp_path / "chest.png", f.chest_gray(size=512, index=4), "PNG")
-    page = _sign_in(browser, site)
+    page = sign_in(browser, site, full_name="Ulla Uploader", viewport=(1300, 1100))
     page.goto(f"{site.url}/upload")
     page.check("input[name=kind][value=chest]")
     page.set_input_files("#files", str(chest))
@@ -123,7 +111,7 @@ def test_upload_a_chest_png_and_see_its_result(
 def test_a_text_file_and_a_60_mb_file_get_their_messages(
     browser: Any, site: Site, artifacts: Path, tmp_path: Path
 ) -> None:
-    page = _sign_in(browser, site)
+    page = sign_in(browser, site, full_name="Ulla Uploader", viewport=(1300, 1100))
     page.goto(f"{site.url}/upload")
     page.check("input[name=kind][value=chest]")
     notes = tmp_path / "notes.txt"

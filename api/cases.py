@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pydicom
@@ -21,6 +21,7 @@ from core.settings import Settings
 from core.storage import Storage
 from core.tables import Instance, Report, Review, ReviewCase, Series, Study, User
 from core.worklist import current_reports
+from reporting.pdf import data_uri
 
 #: The header fields of the case page, read from the first instance (never stored in the database).
 _HEADER_TAGS = [
@@ -235,3 +236,88 @@ def load_case(session: Session, study_uid: str, settings: Settings, storage: Sto
         claim_expires_at=item.claim_expires_at,
         viewer_url=viewer_url,
     )
+
+
+# -- the PDF result (api.routes.report; gateway.result_pdf in the study) ------------------------------------
+
+
+def pdf_context(view: CaseView, storage: Storage, study_uid: str) -> dict[str, Any]:
+    """What reporting/templates/report.html reads: the case's images (inline data: URIs), each model's
+    findings, the gate's reasons, the latest decisions."""
+    decisions = _decisions(view)
+    images = []
+    for image in view.images:
+        sop = image["sop_instance_uid"]
+        meta = image.get("meta") or {}
+        display = None
+        if "file" in meta:
+            display = _inline(storage, storage.rendition_path(study_uid, sop, meta["file"]))
+        heatmaps = {}
+        results = []
+        for m in view.models:
+            answer = next((i for i in m["images"] if i["sop_instance_uid"] == sop), None)
+            if answer is None:
+                continue
+            if answer["assessable"]:
+                uri = _inline(storage, storage.heatmap_path(study_uid, sop, m["name"], m["version"]))
+                if uri:
+                    heatmaps[m["name"]] = uri
+            results.append(
+                {
+                    "model": m["name"],
+                    "version": m["version"],
+                    "assessable": answer["assessable"],
+                    "reason": answer["reason"],
+                    "findings": answer["findings"],
+                    "ai_title": answer["ai_title"],
+                    "decision": decisions.get((m["name"], sop)),
+                }
+            )
+        images.append(
+            {
+                "number": image["number"],
+                "modality": image["modality"],
+                "display": display,
+                "heatmaps": heatmaps,
+                "results": results,
+            }
+        )
+    return {
+        "study_uid": study_uid,
+        "header": view.header,
+        "images": images,
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _decisions(view: CaseView) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, SOP Instance UID) -> the latest decision on that image: label, action, reason, who, when."""
+    latest: dict[str, dict[str, Any]] = {}
+    for h in view.history:  # newest first
+        latest.setdefault(h["model"], h)
+    out = {}
+    for m in view.models:
+        review = latest.get(m["name"])
+        names = sorted({str(f["finding"]) for i in m["images"] for f in i["findings"]})
+        for i in m["images"]:
+            if review is None or not i["label"]:
+                continue
+            action = "confirmed" if i["label"] == i["ai_label"] else "corrected"
+            if i["label"] == labels.NOT_ASSESSABLE:
+                action = "not assessable"
+            out[(m["name"], i["sop_instance_uid"])] = {
+                "title": labels.label_title(m["name"], i["label"], names),
+                "action": action,
+                "reason": i["label_reason"],
+                "by": review["by"],
+                "at": review["at"].strftime("%Y-%m-%d %H:%M UTC"),
+            }
+    return out
+
+
+def _inline(storage: Storage, relative: str) -> str | None:
+    path = storage.absolute(relative)
+    if not path.is_file():
+        return None
+    media = "image/png" if path.suffix == ".png" else "image/jpeg"
+    return data_uri(path.read_bytes(), media)

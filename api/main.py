@@ -23,8 +23,10 @@ from api.metrics import metrics_registry
 from api.pages import NOTICE, STATIC_DIR, page
 from api.routes import (
     admin,
+    audit,
     auth,
     decisions,
+    deliveries,
     dicomweb,
     exports,
     health,
@@ -33,6 +35,7 @@ from api.routes import (
     report,
     review,
     studies,
+    study_admin,
     upload,
 )
 from api.routes.exports import Exporter
@@ -111,6 +114,7 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(auth.router)
     app.include_router(admin.router)
+    app.include_router(audit.router)
     app.include_router(review.router)
     app.include_router(decisions.router)
     app.include_router(studies.router)
@@ -122,4 +126,6 @@ def create_app(
     app.include_router(models.router)
     app.include_router(upload.router)
     app.include_router(report.router)
+    app.include_router(study_admin.router)
+    app.include_router(deliveries.router)
     return app

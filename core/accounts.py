@@ -13,12 +13,13 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from core.audit import record
 from core.settings import AuthSettings
@@ -45,7 +46,12 @@ _TOKEN = re.compile(rf"{TOKEN_PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})")
 _TOUCH_EVERY = timedelta(seconds=60)
 
 _hasher = PasswordHasher()  # Argon2id, argon2-cffi's RFC 9106 low-memory profile
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))  # verified for unknown users: same time either way
+
+
+@cache
+def _dummy_hash() -> str:
+    """Verified for unknown users, the same time either way (made on first use: importing stays cheap)."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 class AccountError(ValueError):
@@ -166,7 +172,7 @@ def authenticate(session: Session, username: str, password: str, client: str | N
     An unknown name costs the same Argon2 verification as a wrong password."""
     user = get_user(session, username)
     try:
-        ok = _hasher.verify(user.password_hash if user else _DUMMY_HASH, password) and user is not None
+        ok = _hasher.verify(user.password_hash if user else _dummy_hash(), password) and user is not None
     except (VerificationError, InvalidHashError):
         ok = False
     if ok and user is not None and user.disabled:
@@ -244,6 +250,10 @@ def create_token(
 ) -> tuple[ApiToken, str]:
     """A token for ``user`` with ``scopes`` (a subset of its role's), valid ``days`` (None or 0: no expiry).
     Returns the row and the token itself, which is never stored and shown only now."""
+    if user.disabled:
+        raise AccountError(f"user {user.username!r} is disabled")
+    if days is not None and days < 0:
+        raise AccountError("days must be 0 (no expiry) or more")
     wanted = set(scopes) or set(ROLE_SCOPES[user.role])
     unknown = wanted - SCOPES
     if unknown:
@@ -284,11 +294,7 @@ def resolve_token(session: Session, token: str) -> Principal | None:
     if row is None or not hmac.compare_digest(row.token_hash, sha256(token)):
         return None
     now = utcnow()
-    if (
-        row.revoked_at is not None
-        or (row.expires_at is not None and now >= row.expires_at)
-        or row.user.disabled
-    ):
+    if token_state(row, now) != "active":
         return None
     if row.last_used_at is None or now - row.last_used_at >= _TOUCH_EVERY:
         row.last_used_at = now
@@ -296,10 +302,33 @@ def resolve_token(session: Session, token: str) -> Principal | None:
     return Principal(row.user.id, row.user.username, row.user.role, scopes, "token")
 
 
-def revoke_token(session: Session, prefix: str, *, actor: str, client: str | None = None) -> ApiToken:
+def token_state(row: ApiToken, now: datetime | None = None) -> str:
+    """``active`` (it works), ``revoked``, ``expired`` or ``user disabled``, in that order of precedence."""
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at is not None and (now or utcnow()) >= row.expires_at:
+        return "expired"
+    if row.user.disabled:
+        return "user disabled"
+    return "active"
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    """Every token, newest first, with its user."""
+    query = select(ApiToken).options(joinedload(ApiToken.user)).order_by(ApiToken.id.desc())
+    return list(session.scalars(query))
+
+
+def require_token(session: Session, prefix: str) -> ApiToken:
     row = session.scalars(select(ApiToken).where(ApiToken.prefix == prefix)).first()
     if row is None:
         raise AccountError(f"no token {prefix!r}")
+    return row
+
+
+def revoke_token(session: Session, prefix: str, *, actor: str, client: str | None = None) -> ApiToken:
+    """Revoke at once (audited); revoking a revoked token changes and records nothing."""
+    row = require_token(session, prefix)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         record(

@@ -103,3 +103,13 @@ class Destination:
     host: str
     port: int
     tls: DestinationTls | None = None
+
+
+def software_version() -> str:
+    """This package's version, as the DICOM objects we write name it (Software Versions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("screening-gateway")
+    except PackageNotFoundError:
+        return "unknown"

@@ -68,6 +68,7 @@ class InstanceMeta:
     accession_number: str | None
     study_date: str | None
     study_description: str | None
+    patient_id: str | None = None
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
@@ -90,6 +91,7 @@ class InstanceMeta:
                 accession_number=text("AccessionNumber", 64),
                 study_date=text("StudyDate", 8),
                 study_description=text("StudyDescription", 128),
+                patient_id=text("PatientID", 64),
             )
         except ValueError as exc:  # InvalidUID and pydicom value errors
             raise InvalidDataset(str(exc)) from exc
@@ -284,6 +286,7 @@ def _study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
             accession_number=meta.accession_number,
             study_date=meta.study_date,
             study_description=meta.study_description,
+            patient_id=meta.patient_id,
             status="receiving",
             first_received_at=now,
             last_received_at=now,
@@ -293,6 +296,8 @@ def _study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
         return study
     if study.status != "receiving":
         log.info("study %s: new instance after completion, reopening", meta.study_instance_uid)
+    if study.patient_id is None:
+        study.patient_id = meta.patient_id
     study.status = "receiving"
     study.last_received_at = now
     study.released_at = None

@@ -34,9 +34,12 @@ PULL_ORTHANC_STUDY = "pull_orthanc_study"
 VERIFY_REVIEW = "verify_review"
 #: The images, heatmaps and optic-disc positions the case page shows, drawn once per study.
 RENDER_STUDY = "render_study"
-#: The kinds that hold a worker's CPU for long (decoding, inference, drawing): held back while the host
-#: receives at full speed (GATEWAY_WORKER__INGEST_FIRST_*); the others always run.
-COMPUTE_KINDS = (PROCESS_STUDY, RENDER_STUDY)
+#: Delete the studies older than GATEWAY_STORAGE__RETENTION_DAYS (queued by the workers on a schedule).
+PURGE_EXPIRED = "purge_expired"
+#: The kinds that hold a worker for long (decoding, inference, drawing; deleting many files): run by a
+#: worker's main loop, never by a delivery lane, and held back while the host receives at full speed
+#: (GATEWAY_WORKER__INGEST_FIRST_*); the others always run.
+COMPUTE_KINDS = (PROCESS_STUDY, RENDER_STUDY, PURGE_EXPIRED)
 LIGHT_KINDS = (DELIVER, PULL_ORTHANC_STUDY, VERIFY_REVIEW)
 
 

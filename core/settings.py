@@ -311,6 +311,10 @@ class OrthancSettings(BaseModel):
 class ReportingSettings(BaseModel):
     #: Also write a Secondary Capture with the result burned in (later issue).
     secondary_capture: bool = False
+    #: Also write the PDF result (GET /studies/{uid}/report.pdf) as a DICOM Encapsulated PDF in the study,
+    #: delivered with the SRs, again after each radiologist's decision.
+    encapsulated_pdf: bool = False
+    #: Series Number of the SRs; their captures take the next, the PDF documents the one after.
     series_number: int = Field(9901, ge=1)
 
 
@@ -395,6 +399,11 @@ class StorageSettings(BaseModel):
     #: core.storage.DirectTempFile); off for a volume where direct writes are slow (some network file
     #: systems).
     direct_writes: bool = True
+    #: Studies whose last instance arrived more than this many days ago are deleted (rows, files, results;
+    #: audited) by a scheduled job; 0 keeps everything.
+    retention_days: int = Field(0, ge=0)
+    #: How often the workers look for studies past the retention.
+    retention_check_seconds: float = Field(3600.0, gt=0)
 
 
 _DESTINATION_KEYS = {"name", "ae_title", "host", "port"}

@@ -59,6 +59,8 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(64))
     study_date: Mapped[str | None] = mapped_column(String(8))
     study_description: Mapped[str | None] = mapped_column(String(128))
+    #: Patient ID as the first instance gave it: what administrators search by (never logged).
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
     #: receiving -> complete (a job was queued); back to receiving when more instances arrive.
     status: Mapped[str] = mapped_column(String(16), default="receiving")
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -69,7 +71,19 @@ class Study(Base):
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
-    __table_args__ = (Index("ix_study_status_last", "status", "last_received_at"),)
+    __table_args__ = (
+        Index("ix_study_status_last", "status", "last_received_at"),
+        Index("ix_study_accession_number", "accession_number"),
+    )
+
+
+class StudyDeletion(Base):
+    """The study a transaction is deleting, named here first: the append-only triggers let that study's
+    review rows go (core.archive); removed again before the transaction commits."""
+
+    __tablename__ = "study_deletion"
+
+    study_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
 
 
 class Series(Base):

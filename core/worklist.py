@@ -35,6 +35,9 @@ from core.tables import (
 )
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+#: Objects we write beside the SRs (pictures, documents of the result): never a model's result themselves.
+DERIVED_CLASSES = (SECONDARY_CAPTURE, ENCAPSULATED_PDF)
 STATUSES = ("unreviewed", "in_review", "reviewed", "flagged")
 AI_LABELS = ("present", "absent", "uncertain", "not_assessable")
 
@@ -81,13 +84,13 @@ class WorklistPage:
 
 
 def current_reports(session: Session, study_id: int) -> list[Report]:
-    """The latest AI report of each model for the study (not captures, not verified reports)."""
+    """The latest AI report of each model for the study (not captures or PDFs, not verified reports)."""
     reports = session.scalars(
         select(Report)
         .where(
             Report.study_id == study_id,
             Report.verification == "UNVERIFIED",
-            Report.sop_class_uid != SECONDARY_CAPTURE,
+            Report.sop_class_uid.not_in(DERIVED_CLASSES),
         )
         .order_by(Report.id)
     )

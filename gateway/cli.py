@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from core.accounts import SCOPES
 from core.settings import Settings, SettingsError, load_settings
+from gateway.deliveries_cli import deliveries_app, jobs_app
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -38,6 +40,8 @@ tokens_app = typer.Typer(help="API tokens for scripts (bearer tokens, stored has
 app.add_typer(tokens_app, name="tokens")
 worklist_app = typer.Typer(help="The radiologists' worklist.", no_args_is_help=True)
 app.add_typer(worklist_app, name="worklist")
+app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(jobs_app, name="jobs")
 
 log = logging.getLogger("gateway")
 
@@ -101,6 +105,7 @@ def serve(
     receive_into(rt.storage)
     _register_models(rt)
     threading.Thread(target=_retag_worklist, args=(rt,), name="worklist-retag", daemon=True).start()
+    threading.Thread(target=_index_studies, args=(rt,), name="studies-index", daemon=True).start()
     clear_counters(settings.ingest_rate_dir)  # those of a previous run's processes
     count_ingest(settings.ingest_rate_dir)
     _settle_for_receiving()
@@ -213,6 +218,20 @@ def _retag_worklist(rt: Runtime) -> None:
         return
     if total:
         log.info("worklist: %d cases tagged for the uncertain band %s", total, band)
+
+
+def _index_studies(rt: Runtime) -> None:
+    """In the background at start: remove the files of deleted studies a crash left behind, and read the
+    patient IDs of studies stored before the database kept them (what administrators search by)."""
+    from core.archive import index_patient_ids, remove_trash
+
+    try:
+        if removed := remove_trash(rt.storage):
+            log.warning("storage: removed the files of %d deleted studies left by a crash", removed)
+        if indexed := index_patient_ids(rt.factory, rt.storage):
+            log.info("studies: patient IDs of %d earlier studies read from their files", indexed)
+    except Exception:
+        log.exception("studies: indexing at start failed")
 
 
 def _settle_for_receiving() -> None:
@@ -428,7 +447,7 @@ def tokens_create(
     scope: Annotated[
         list[str] | None,
         typer.Option(
-            help="studies:read, review, export, stow or admin (repeat; default: all of the role's)."
+            help=f"{', '.join(sorted(SCOPES))} (repeat; default: all of the role's).",
         ),
     ] = None,
     days: Annotated[

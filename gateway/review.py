@@ -27,6 +27,7 @@ from core.jobs import ClaimedJob, PermanentError
 from core.tables import Instance, Report, Review, Series, Study
 from core.worklist import current_reports
 from gateway.delivery import ensure_deliveries
+from gateway.result_pdf import write_result_pdf
 from gateway.runtime import Runtime
 from gateway.sources import UnreadableSource, read_source
 from inference.optic_disc import locate_disc
@@ -275,6 +276,7 @@ def verify_review(rt: Runtime, job: ClaimedJob) -> None:
     log.info(
         "study %s: verified report %s (review %d, version %d) written", study_uid, uid, review_id, version
     )
+    write_result_pdf(rt, study_uid, actor=f"job:{job.id}")  # the document at the PACS shows the decision
 
 
 def reviewed_findings(

@@ -34,8 +34,9 @@ from core.tables import (
     Series,
     Study,
 )
-from core.worklist import refresh_case
+from core.worklist import DERIVED_CLASSES, refresh_case
 from gateway.delivery import ensure_deliveries
+from gateway.result_pdf import write_result_pdf
 from gateway.review import render_study_images
 from gateway.runtime import Runtime
 from gateway.sources import UnreadableSource, read_source
@@ -112,6 +113,7 @@ def process_study(rt: Runtime, job: ClaimedJob) -> None:
             _run_shadow(rt, job, study_id, study_uid, shadow, refs, decoded)
     if by_model:
         _draw_for_review(rt, study_id, study_uid, decoded)
+        write_result_pdf(rt, study_uid, actor=f"job:{job.id}")  # needs the images just drawn
 
 
 def _draw_for_review(
@@ -197,7 +199,7 @@ def _report_model(
         previous = session.scalars(
             select(Report)
             .where(Report.study_id == study_id, Report.model_name == model_name)
-            .where(Report.sop_class_uid != SECONDARY_CAPTURE)
+            .where(Report.sop_class_uid.not_in(DERIVED_CLASSES))
             .order_by(Report.id.desc())
         ).first()
         previous_id = previous.id if previous else None

@@ -25,6 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
 from core.activity import IngestRate
+from core.archive import purge_expired
+from core.db import transaction
 from core.encoding import describe
 from core.heartbeat import record_heartbeat, remove_heartbeats
 from core.jobs import (
@@ -32,6 +34,7 @@ from core.jobs import (
     LIGHT_KINDS,
     PROCESS_STUDY,
     PULL_ORTHANC_STUDY,
+    PURGE_EXPIRED,
     RENDER_STUDY,
     VERIFY_REVIEW,
     ClaimedJob,
@@ -51,12 +54,23 @@ from reporting.delivery import backoff_delay, send_as_stored
 
 log = logging.getLogger(__name__)
 
+
+def purge(rt: Runtime, job: ClaimedJob) -> None:
+    """The retention job: delete the studies past GATEWAY_STORAGE__RETENTION_DAYS (0 now: nothing)."""
+    days = rt.settings.storage.retention_days
+    if days:
+        deleted = purge_expired(rt.factory, rt.storage, days)
+        if deleted:
+            log.info("retention: %d studies older than %d days deleted", len(deleted), days)
+
+
 HANDLERS: dict[str, Callable[[Runtime, ClaimedJob], None]] = {
     PROCESS_STUDY: process_study,
     DELIVER: deliver,
     PULL_ORTHANC_STUDY: pull_orthanc_study,
     VERIFY_REVIEW: verify_review,
     RENDER_STUDY: render_study,
+    PURGE_EXPIRED: purge,
 }
 
 #: How often a worker that holds back for the ingest looks again (and for a delivery to make).
@@ -261,6 +275,7 @@ class Worker:
         self.kinds = kinds
         self.stop = threading.Event()
         self._next_reconcile = 0.0
+        self._next_retention = 0.0
         # A lane beside a process's main loop keeps no row: the process is alive or not as its main loop is.
         self._heartbeat = _Heartbeat(
             rt.factory, self.id, interval=rt.settings.worker.heartbeat_seconds, enabled=heartbeat
@@ -283,6 +298,7 @@ class Worker:
                     self.rt.factory, settings.completion, max_attempts=settings.worker.max_attempts
                 )
             self._reconcile()
+            self._schedule_retention()
         kinds = self._claimable(holding)
         if kinds == ():
             return False
@@ -340,6 +356,16 @@ class Worker:
             )
         except OrthancUnavailable as exc:
             log.warning("reconciler: %s", exc)
+
+    def _schedule_retention(self) -> None:
+        """Every GATEWAY_STORAGE__RETENTION_CHECK_SECONDS, queue the retention job (once: a pending one
+        counts for all workers)."""
+        cfg = self.rt.settings.storage
+        if not cfg.retention_days or time.monotonic() < self._next_retention:
+            return
+        self._next_retention = time.monotonic() + cfg.retention_check_seconds
+        with transaction(self.rt.factory) as session:
+            jobs.enqueue(session, kind=PURGE_EXPIRED, payload={}, dedupe_key="retention", max_attempts=3)
 
     def run_forever(self) -> None:
         """Work until ``stop`` is set, keeping this worker's heartbeat row fresh meanwhile."""

@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, VLPhotographicImageStorage
 from pydicom.valuerep import DA, TM
 
-from core.domain import UPLOAD_MANUFACTURER
+from core.domain import UPLOAD_MANUFACTURER, software_version
 
 Kind = Literal["fundus", "chest"]
 KINDS: tuple[Kind, ...] = ("fundus", "chest")
@@ -222,7 +222,7 @@ def to_dicom(
     )
     ds.PatientOrientation = []  # Type 2: nothing says how the uploaded image is oriented
     ds.ManufacturerModelName = DEVICE_MODEL
-    ds.SoftwareVersions = _software_version()
+    ds.SoftwareVersions = software_version()
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = derivation[:1024]
     ds.BurnedInAnnotation = "NO"
@@ -257,15 +257,6 @@ def _as_vl_photographic(ds: Dataset, demographics: Demographics) -> Dataset:
     ds.AcquisitionContextSequence = DicomSequence()
     ds.AnatomicRegionSequence = DicomSequence([_code("81745001", "SCT", "Eye")])
     return ds
-
-
-def _software_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("screening-gateway")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:

@@ -1,13 +1,14 @@
-"""Administration: users (pages and JSON) and the audit trail (page, JSON, CSV). Admin scope only."""
+"""Administration: users and their passwords, API tokens (pages and JSON). Admin scope only; every change is
+audited in its own transaction (core.accounts records it). The audit trail: api.routes.audit."""
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,17 +17,23 @@ from api.deps import SessionDep
 from api.pages import page
 from api.security import client_address, require
 from core.accounts import (
+    MIN_PASSWORD_LENGTH,
+    ROLE_SCOPES,
     ROLES,
+    SCOPES,
     AccountError,
     Principal,
     count_admins,
+    create_token,
     create_user,
+    list_tokens,
     require_user,
+    revoke_token,
     set_disabled,
+    set_password,
+    token_state,
 )
-from core.audit import AuditFilter, csv_lines, iter_events, list_events
-from core.db import read_session
-from core.tables import User
+from core.tables import ApiToken, User
 
 AdminDep = Annotated[Principal, Depends(require("admin"))]
 
@@ -49,23 +56,59 @@ class UserIn(BaseModel):
     full_name: str | None = Field(None, max_length=128)
 
 
-class AuditEventOut(BaseModel):
-    id: int
-    at: datetime
-    actor: str
-    action: str
-    study_instance_uid: str | None
-    client: str | None
-    detail: dict[str, Any]
+class PasswordIn(BaseModel):
+    password: str = Field(max_length=1024)
 
 
-class AuditPage(BaseModel):
-    total: int
-    events: list[AuditEventOut]
+class TokenOut(BaseModel):
+    prefix: str
+    user: str
+    name: str | None
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    #: active (it works), revoked, expired or "user disabled"
+    state: str
+
+
+class NewTokenOut(TokenOut):
+    #: The bearer token itself: only its hash is kept, it is never shown again.
+    token: str
+
+
+class TokenIn(BaseModel):
+    user: str = Field(max_length=64)
+    scopes: list[str] | None = Field(
+        None, min_length=1, max_length=len(SCOPES), description="a subset of the role's; omitted: all of them"
+    )
+    days: int | None = Field(
+        None, ge=0, le=36500, description="0: no expiry; omitted: GATEWAY_AUTH__TOKEN_DAYS"
+    )
+    name: str | None = Field(None, max_length=64)
 
 
 def _users(session: SessionDep) -> list[User]:
     return list(session.scalars(select(User).order_by(User.username)))
+
+
+def _token_out(row: ApiToken) -> TokenOut:
+    return TokenOut(
+        prefix=row.prefix,
+        user=row.user.username,
+        name=row.name,
+        scopes=row.scopes,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+        revoked_at=row.revoked_at,
+        state=token_state(row),
+    )
+
+
+def _token_days(request: Request, days: int | None) -> int:
+    return request.app.state.settings.auth.token_days if days is None else days
 
 
 def _change_disabled(
@@ -84,7 +127,7 @@ def _change_disabled(
 def users_page(
     request: Request, session: SessionDep, principal: AdminDep, message: str | None = None
 ) -> Response:
-    return page(request, "admin_users.html", users=_users(session), roles=ROLES, message=message, error=None)
+    return page(request, "admin_users.html", **_users_context(session), message=message, error=None)
 
 
 @router.post("/admin/users", include_in_schema=False)
@@ -113,6 +156,27 @@ def users_create_form(
     return _users_done(f"user {username} created")
 
 
+@router.post("/admin/users/password", include_in_schema=False)
+def users_password_form(
+    request: Request,
+    session: SessionDep,
+    principal: AdminDep,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    password_again: Annotated[str, Form(max_length=1024)],
+) -> Response:
+    """A new password for a user (an admin's own too); their browser sessions end."""
+    try:
+        if password != password_again:
+            raise AccountError("the two passwords differ")
+        user = require_user(session, username)
+        set_password(session, user, password, actor=principal.actor, client=client_address(request))
+        session.commit()
+    except AccountError as exc:
+        return _users_refused(request, session, exc)
+    return _users_done(f"password of {username} reset; their sessions ended")
+
+
 @router.post("/admin/users/{username}/{change}", include_in_schema=False)
 def users_disable_form(
     request: Request, session: SessionDep, principal: AdminDep, username: str, change: str
@@ -130,86 +194,108 @@ def users_disable_form(
 def _users_refused(request: Request, session: Session, exc: AccountError) -> Response:
     """The users page again, with why the change was refused (nothing of it was stored)."""
     session.rollback()
-    return page(
-        request, "admin_users.html", 400, users=_users(session), roles=ROLES, message=None, error=str(exc)
-    )
+    return page(request, "admin_users.html", 400, **_users_context(session), message=None, error=str(exc))
+
+
+def _users_context(session: Session) -> dict[str, Any]:
+    return {"users": _users(session), "roles": ROLES, "min_password": MIN_PASSWORD_LENGTH}
 
 
 def _users_done(message: str) -> Response:
     return RedirectResponse(f"/admin/users?{urlencode({'message': message})}", status_code=303)
 
 
-def _filter(
-    actor: str | None, action: str | None, study_uid: str | None, since: date | None, until: date | None
-) -> AuditFilter:
-    return AuditFilter(
-        actor=actor or None,
-        action=action or None,
-        study_uid=study_uid or None,
-        since=datetime.combine(since, time(), UTC) if since else None,
-        until=datetime.combine(until, time(), UTC) + timedelta(days=1) if until else None,
-    )
-
-
-AuditQuery = dict[str, Any]
-
-
-def _day(value: str | None, name: str) -> date | None:
-    """A YYYY-MM-DD query value; empty (a form's blank date field) means none."""
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise HTTPException(status_code=422, detail=f"{name}: expected a date as YYYY-MM-DD") from None
-
-
-def _audit_query(
-    actor: Annotated[str | None, Query(max_length=64)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    study_uid: Annotated[str | None, Query(max_length=64)] = None,
-    since: Annotated[
-        str | None, Query(max_length=10, description="first day (UTC, YYYY-MM-DD), inclusive")
-    ] = None,
-    until: Annotated[
-        str | None, Query(max_length=10, description="last day (UTC, YYYY-MM-DD), inclusive")
-    ] = None,
-) -> AuditQuery:
-    return {
-        "actor": actor,
-        "action": action,
-        "study_uid": study_uid,
-        "since": _day(since, "since"),
-        "until": _day(until, "until"),
-    }
-
-
-AuditQueryDep = Annotated[AuditQuery, Depends(_audit_query)]
-
-
-@router.get("/admin/audit", response_class=HTMLResponse, include_in_schema=False)
-def audit_page(
+@router.get("/admin/tokens", response_class=HTMLResponse, include_in_schema=False)
+def tokens_page(
     request: Request,
     session: SessionDep,
     principal: AdminDep,
-    q: AuditQueryDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    user: Annotated[str | None, Query(max_length=64)] = None,
+    message: str | None = None,
 ) -> Response:
-    where = _filter(**q)
-    total, events = list_events(session, where, limit=200, offset=offset)
-    query = urlencode({k: v for k, v in q.items() if v})
-    next_offset = offset + len(events) if offset + len(events) < total else None
+    """Every token; with ``user``, the form for a new token of that user (scopes of its role)."""
+    chosen = None
+    if user:
+        try:
+            chosen = require_user(session, user)
+        except AccountError as exc:
+            return _tokens_page(request, session, 404, error=str(exc))
+    return _tokens_page(request, session, user=chosen, message=message)
+
+
+@router.post("/admin/tokens", include_in_schema=False)
+def tokens_create_form(
+    request: Request,
+    session: SessionDep,
+    principal: AdminDep,
+    user: Annotated[str, Form(max_length=64)],
+    days: Annotated[int, Form(ge=0, le=36500)],
+    scope: Annotated[list[str] | None, Form(max_length=len(SCOPES))] = None,
+    name: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """The new token is shown on this response only: never in a URL, never stored, never logged."""
+    try:
+        owner = require_user(session, user)
+        if not scope:
+            raise AccountError("choose at least one scope")
+        row, token = create_token(
+            session,
+            owner,
+            scope,
+            days=days,
+            name=name.strip() or None,
+            actor=principal.actor,
+            client=client_address(request),
+        )
+        session.commit()
+    except AccountError as exc:
+        session.rollback()
+        return _tokens_page(request, session, 400, error=str(exc))
+    return _tokens_page(request, session, 201, new_token=token, new_prefix=row.prefix)
+
+
+@router.post("/admin/tokens/{prefix}/revoke", include_in_schema=False)
+def tokens_revoke_form(request: Request, session: SessionDep, principal: AdminDep, prefix: str) -> Response:
+    _revoke(session, principal, prefix, client_address(request))
+    message = urlencode({"message": f"token {prefix} revoked"})
+    return RedirectResponse(f"/admin/tokens?{message}", status_code=303)
+
+
+def _tokens_page(
+    request: Request,
+    session: Session,
+    status_code: int = 200,
+    *,
+    user: User | None = None,
+    message: str | None = None,
+    error: str | None = None,
+    new_token: str | None = None,
+    new_prefix: str | None = None,
+) -> Response:
+    tokens = list_tokens(session)
     return page(
         request,
-        "admin_audit.html",
-        events=events,
-        total=total,
-        filters=where,
-        since=q["since"],
-        until=q["until"],
-        query=query,
-        next_offset=next_offset,
+        "admin_tokens.html",
+        status_code,
+        tokens=[_token_out(t) for t in tokens],
+        owners=[u for u in _users(session) if not u.disabled],
+        user=user,
+        user_scopes=sorted(ROLE_SCOPES[user.role]) if user else [],
+        days=_token_days(request, None),
+        message=message,
+        error=error,
+        new_token=new_token,
+        new_prefix=new_prefix,
     )
+
+
+def _revoke(session: Session, principal: Principal, prefix: str, client: str | None) -> ApiToken:
+    try:
+        row = revoke_token(session, prefix, actor=principal.actor, client=client)
+        session.commit()
+    except AccountError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+    return row
 
 
 # -- JSON --------------------------------------------------------------------------------------------------
@@ -250,37 +336,52 @@ def change_user_json(username: str, request: Request, session: SessionDep, princ
     return require_user(session, username)
 
 
-@router.get("/api/audit", response_model=AuditPage)
-def audit_json(
-    session: SessionDep,
-    principal: AdminDep,
-    q: AuditQueryDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> AuditPage:
-    """Audit events, newest first. ``action`` matches exactly, or by prefix when it ends in '.'."""
-    total, events = list_events(session, _filter(**q), limit=limit, offset=offset)
-    return AuditPage(
-        total=total, events=[AuditEventOut.model_validate(e, from_attributes=True) for e in events]
-    )
+@router.post("/api/users/{username}/password", response_model=UserOut)
+def user_password_json(
+    username: str, body: PasswordIn, request: Request, session: SessionDep, principal: AdminDep
+) -> User:
+    """A new password for a user (an admin's own too); their browser sessions end, their tokens stay."""
+    try:
+        user = require_user(session, username)
+    except AccountError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+    try:
+        set_password(session, user, body.password, actor=principal.actor, client=client_address(request))
+        session.commit()
+    except AccountError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    return user
 
 
-@router.get("/api/audit.csv", response_class=StreamingResponse)
-def audit_csv(request: Request, principal: AdminDep, q: AuditQueryDep) -> StreamingResponse:
-    """The matching audit events as CSV, oldest first (all of them, streamed)."""
-    factory = request.app.state.session_factory
-    where = _filter(**q)
+@router.get("/api/tokens", response_model=list[TokenOut])
+def list_tokens_json(session: SessionDep, principal: AdminDep) -> list[TokenOut]:
+    """Every API token, newest first (never the token itself: only its prefix)."""
+    return [_token_out(t) for t in list_tokens(session)]
 
-    def lines() -> Any:
-        with read_session(factory) as session:
-            yield from csv_lines(iter_events(session, where))
 
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return StreamingResponse(
-        lines(),
-        media_type="text/csv; charset=utf-8",
-        headers={
-            "Content-Disposition": f'attachment; filename="audit-{stamp}.csv"',
-            "Cache-Control": "no-store",
-        },
-    )
+@router.post("/api/tokens", response_model=NewTokenOut, status_code=201)
+def create_token_json(
+    body: TokenIn, request: Request, response: Response, session: SessionDep, principal: AdminDep
+) -> NewTokenOut:
+    """A token for a user; the response is the only place the token ever appears."""
+    try:
+        row, token = create_token(
+            session,
+            require_user(session, body.user),
+            body.scopes or [],
+            days=_token_days(request, body.days),
+            name=body.name,
+            actor=principal.actor,
+            client=client_address(request),
+        )
+        session.commit()
+    except AccountError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    response.headers["Cache-Control"] = "no-store"
+    return NewTokenOut(**_token_out(row).model_dump(), token=token)
+
+
+@router.post("/api/tokens/{prefix}/revoke", response_model=TokenOut)
+def revoke_token_json(prefix: str, request: Request, session: SessionDep, principal: AdminDep) -> TokenOut:
+    """Revoke any user's token at once (again: no change)."""
+    return _token_out(_revoke(session, principal, prefix, client_address(request)))

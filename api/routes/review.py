@@ -7,7 +7,7 @@ image fetch and decision is audited.
 from __future__ import annotations
 
 import re
-from datetime import date, datetime
+from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.cases import CaseView, load_case
-from api.deps import ReadSessionDep, SessionDep
+from api.deps import ReadSessionDep, SessionDep, query_dicom_day
 from api.pages import page
 from api.security import client_address, require
 from core import audit, labels, worklist
@@ -42,15 +42,6 @@ class WorklistQuery(BaseModel):
     query: str  # the filter as a query string, for links that keep it
 
     model_config = {"arbitrary_types_allowed": True}
-
-
-def _day(value: str | None, name: str) -> str | None:
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value).strftime("%Y%m%d")
-    except ValueError:
-        raise HTTPException(status_code=422, detail=f"{name}: expected a date as YYYY-MM-DD") from None
 
 
 def _choice(value: str | None, allowed: tuple[str, ...], name: str) -> str | None:
@@ -80,8 +71,8 @@ def worklist_query(
         ai_label=_choice(ai_label, worklist.AI_LABELS, "ai_label"),
         status=None if status == "any" else _choice(status, worklist.STATUSES, "status"),
         assessable={"yes": True, "no": False}.get(_choice(assessable, ("yes", "no"), "assessable") or ""),
-        date_from=_day(date_from, "date_from"),
-        date_to=_day(date_to, "date_to"),
+        date_from=query_dicom_day(date_from, "date_from"),
+        date_to=query_dicom_day(date_to, "date_to"),
         modality=modality or None,
     )
     given = {

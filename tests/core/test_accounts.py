@@ -135,6 +135,65 @@ def test_tokens_scopes_expiry_revocation(factory: sessionmaker[Session]) -> None
         assert a.resolve_token(s, forever) is None
 
 
+def test_disabled_users_tokens_stop_and_none_are_made_for_them(factory: sessionmaker[Session]) -> None:
+    _user(factory)
+    with transaction(factory) as s:
+        row, token = a.create_token(s, a.require_user(s, "alice"), ["review"], days=1, actor="test")
+        assert a.token_state(row) == "active"
+    with transaction(factory) as s:
+        a.set_disabled(s, a.require_user(s, "alice"), True, actor="test")
+    with transaction(factory) as s:
+        assert a.resolve_token(s, token) is None
+        assert a.token_state(a.require_token(s, row.prefix)) == "user disabled"
+        with pytest.raises(a.AccountError, match="is disabled"):
+            a.create_token(s, a.require_user(s, "alice"), [], days=1, actor="test")
+        a.set_disabled(s, a.require_user(s, "alice"), False, actor="test")
+    with transaction(factory) as s:
+        assert a.resolve_token(s, token) is not None  # never revoked: it works again with its user
+
+
+def test_token_states_listing_and_revocation_are_audited_once(factory: sessionmaker[Session]) -> None:
+    _user(factory, "ops", "admin")
+    with transaction(factory) as s:
+        ops = a.require_user(s, "ops")
+        old, _ = a.create_token(s, ops, ["stow"], days=1, name="old", actor="test")
+        new, _ = a.create_token(s, ops, ["metrics"], days=None, name="new", actor="test")
+        with pytest.raises(a.AccountError, match="days"):
+            a.create_token(s, ops, [], days=-1, actor="test")
+    with transaction(factory) as s:
+        s.execute(update(ApiToken).where(ApiToken.prefix == old.prefix).values(expires_at=utcnow()))
+    with transaction(factory) as s:
+        listed = a.list_tokens(s)
+        assert [(t.name, a.token_state(t)) for t in listed] == [("new", "active"), ("old", "expired")]
+        a.revoke_token(s, new.prefix, actor="user:root", client="10.0.0.1")
+        a.revoke_token(s, new.prefix, actor="user:root")  # again: nothing changes
+        with pytest.raises(a.AccountError, match="no token"):
+            a.revoke_token(s, "000000000000", actor="user:root")
+        assert a.token_state(a.require_token(s, new.prefix)) == "revoked"
+    with factory() as s:
+        total, events = list_events(s, AuditFilter(action="token.revoke"), limit=10)
+        assert total == 1 and events[0].detail == {"user": "ops", "prefix": new.prefix}
+        assert (events[0].actor, events[0].client) == ("user:root", "10.0.0.1")
+
+
+def test_password_reset_is_audited_and_a_short_one_changes_nothing(factory: sessionmaker[Session]) -> None:
+    _user(factory)
+    auth = AuthSettings()
+    with transaction(factory) as s:
+        cookie = a.start_session(s, a.require_user(s, "alice"), None, auth)
+    with pytest.raises(a.AccountError, match="at least"), transaction(factory) as s:
+        a.set_password(s, a.require_user(s, "alice"), "short", actor="user:root")
+    with transaction(factory) as s:
+        assert a.resolve_session(s, cookie, auth) is not None
+        a.set_password(
+            s, a.require_user(s, "alice"), "another-long-password", actor="user:root", client="::1"
+        )
+    with factory() as s:
+        total, events = list_events(s, AuditFilter(action="user.reset_password"), limit=10)
+        assert total == 1 and (events[0].actor, events[0].client) == ("user:root", "::1")
+        assert events[0].detail == {"user": "alice"}
+
+
 def test_token_scopes_shrink_with_the_role(factory: sessionmaker[Session]) -> None:
     _user(factory, "ops", "admin")
     with transaction(factory) as s:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from core.accounts import SCOPES
-from core.settings import Settings, SettingsError, load_settings
+from core.settings import Settings, SettingsError
+from gateway.cli_settings import command_settings
 from gateway.deliveries_cli import deliveries_app, jobs_app
 
 if TYPE_CHECKING:
@@ -44,22 +45,6 @@ app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(jobs_app, name="jobs")
 
 log = logging.getLogger("gateway")
-
-
-def _settings() -> Settings:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom's INFO lines describe every association; its DEBUG would dump datasets (patient data).
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
-    return settings
 
 
 def _disc_proposer() -> Callable[[Any], tuple[int, int, int]]:
@@ -88,7 +73,7 @@ def serve(
     ] = True,
 ) -> None:
     """Run the DICOM listener and the HTTP API, and supervise GATEWAY_WORKER__PROCESSES worker processes."""
-    settings = _settings()
+    settings = command_settings()
     _share_metrics(settings.data_dir / "metrics")  # before anything imports prometheus-client
     import uvicorn
 
@@ -265,7 +250,7 @@ def receiver(
     from dicom_listener.server import receiver as build_receiver
     from gateway.supervisor import die_with_parent
 
-    settings = _settings()
+    settings = command_settings()
     die_with_parent(parent_pid)
     control = socket.socket(fileno=control_fd)
     rt = _runtime(settings, migrate=False, ingests=False)  # the temp files of its siblings are in flight
@@ -292,7 +277,7 @@ def worker(
     """Run one worker process (production: several, sharing the PostgreSQL job table)."""
     from gateway.supervisor import die_with_parent, limit_memory, limit_threads, lower_priority
 
-    settings = _settings()
+    settings = command_settings()
     if parent_pid is not None:
         die_with_parent(parent_pid)
     limit_threads(settings.worker.compute_threads)  # before NumPy loads
@@ -336,7 +321,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     from core.db import make_engine
     from core.migrate import current_revision, upgrade
 
-    settings = _settings()
+    settings = command_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     upgrade(engine, revision)
@@ -352,7 +337,7 @@ def _accounts_session() -> Iterator[Session]:
     from core.db import make_engine, make_sessionmaker, transaction
     from core.migrate import upgrade
 
-    settings = _settings()
+    settings = command_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     try:
@@ -458,7 +443,7 @@ def tokens_create(
     """Create an API token and print it (only its hash is kept). Send it as `Authorization: Bearer ...`."""
     from core.accounts import create_token, require_user
 
-    lifetime = _settings().auth.token_days if days is None else days
+    lifetime = command_settings().auth.token_days if days is None else days
     with _accounts_session() as session:
         row, token = create_token(
             session, require_user(session, user), scope or [], days=lifetime, name=name, actor="cli"
@@ -511,7 +496,7 @@ def worklist_rebuild() -> None:
     from core.tables import Report, Study
     from core.worklist import refresh_case
 
-    settings = _settings()
+    settings = command_settings()
     with _accounts_session() as session:
         rows = session.execute(
             select(Study.id, Study.study_instance_uid)
@@ -547,7 +532,7 @@ def predict(
     from inference.predict import predict_paths
     from inference.registry import ModelRegistry
 
-    settings = _settings()
+    settings = command_settings()
     registry = ModelRegistry(extra_dirs=settings.inference.model_dirs)
     if model is not None and model not in registry.names():
         typer.echo(f"unknown model {model!r}; installed: {', '.join(registry.names()) or 'none'}", err=True)
@@ -634,7 +619,7 @@ def models_add(
     from gateway.models import install_bundle
     from inference.bundle import BundleError
 
-    settings = _settings()
+    settings = command_settings()
     try:
         found = install_bundle(settings, bundle)
         with _accounts_session() as session:
@@ -657,7 +642,7 @@ def models_promote(
     from core.audit import record
     from core.model_versions import RegistryError, active, find, set_status
 
-    settings = _settings()
+    settings = command_settings()
     if force and not (reason or "").strip():
         typer.echo("--force needs --reason", err=True)
         raise typer.Exit(2)
@@ -828,7 +813,7 @@ def export_labels(
         write_export,
     )
 
-    settings = _settings()
+    settings = command_settings()
     rt = _runtime(settings, migrate=False, ingests=False)
     try:
         deid = deidentifier(settings)
@@ -923,7 +908,7 @@ def train_model(
     DATA_DIR/models/MODEL/VERSION and is registered as a candidate for `gateway models promote`."""
     from training.recipes import DEFAULT_SEED, TrainConfig, default_config, get_recipe
 
-    settings = _settings()
+    settings = command_settings()
     try:
         recipe = get_recipe(name)
     except KeyError as exc:
@@ -1035,7 +1020,7 @@ def evaluate_model(
     from inference.registry import ModelRegistry
     from training.recipes import get_recipe
 
-    settings = _settings()
+    settings = command_settings()
     model = ModelRegistry(extra_dirs=settings.inference.model_dirs).get(name)
     try:
         recipe = get_recipe(name)
@@ -1055,7 +1040,7 @@ def export_tflite(
     """Convert a bundle's model.keras to the served model.tflite again (outputs, gate embedding, heatmaps)."""
     from training.export import reexport
 
-    _settings()
+    command_settings()
     typer.echo(f"wrote {reexport(bundle)}")
 
 

@@ -3,15 +3,14 @@ retrying them, as the admin page does (core.deadletter; audited with actor "cli"
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from core.settings import Settings, SettingsError, load_settings
+from core.settings import Settings
+from gateway.cli_settings import command_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -33,16 +32,7 @@ def _session() -> Iterator[tuple[Session, Settings]]:
     from core.deadletter import DeadLetterError
     from core.migrate import upgrade
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    settings = command_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     try:

@@ -147,3 +147,22 @@ def _ready(site: Site, study_uid: str) -> bool:
 
 def radiologist_user(site: Site, full_name: str = "Jane Reader") -> str:
     return add_user(site.db, "radiologist", full_name=full_name)
+
+
+def decide(site: Site, study_uid: str, model: str = "pneumonia", *, correct: bool) -> dict[str, Any]:
+    """A radiologist's first decision on the model's first image of the study: the AI label confirmed, or
+    (``correct``) another label; returns the label chosen (key, title)."""
+    case = site.get(f"/api/cases/{study_uid}").json()
+    answers = next(m for m in case["models"] if m["name"] == model)
+    image = answers["images"][0]
+    label = next(lab for lab in answers["labels"] if (lab["key"] != image["ai_label"]) == correct)
+    decided = site.post(
+        f"/api/cases/{study_uid}/reviews",
+        {
+            "model": model,
+            "base_version": 0,
+            "answers": [{"sop_instance_uid": image["sop_instance_uid"], "label": label["key"]}],
+        },
+    )
+    assert decided.status_code == 201, decided.text
+    return dict(label)

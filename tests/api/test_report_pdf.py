@@ -24,7 +24,7 @@ from PIL import Image
 from reporting.pdf import render_pdf
 from tests import factories as f
 from tests.peers import free_port, wait_for
-from tests.review_site import Site, _ready, review_site
+from tests.review_site import Site, _ready, decide, review_site
 
 pytestmark = [pytest.mark.e2e]
 
@@ -55,19 +55,8 @@ def _images(pdf: bytes, tmp: Path) -> int:
 
 def test_the_pdf_shows_findings_decision_and_notice(site: Site, tmp_path: Path) -> None:
     uid = site.studies["chest"]
+    other = decide(site, uid, correct=True)
     case = site.get(f"/api/cases/{uid}").json()
-    pneumonia = next(m for m in case["models"] if m["name"] == "pneumonia")
-    image = pneumonia["images"][0]
-    other = next(lab for lab in pneumonia["labels"] if lab["key"] != image["ai_label"])
-    decided = site.post(
-        f"/api/cases/{uid}/reviews",
-        {
-            "model": "pneumonia",
-            "base_version": 0,
-            "answers": [{"sop_instance_uid": image["sop_instance_uid"], "label": other["key"]}],
-        },
-    )
-    assert decided.status_code == 201, decided.text
 
     response = site.get(f"/studies/{uid}/report.pdf")
     assert response.status_code == 200, response.text

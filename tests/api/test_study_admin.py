@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, func, select, update
 from core.tables import AuditEvent, Prediction, Report, Review, Study, utcnow
 from tests.accounts import bearer
 from tests.peers import wait_for
-from tests.review_site import Site, review_site
+from tests.review_site import Site, decide, review_site
 
 pytestmark = [pytest.mark.e2e]
 
@@ -104,18 +104,7 @@ def test_only_admins(site: Site) -> None:
 
 def test_delete_a_reviewed_study(site: Site, admin: dict[str, str]) -> None:
     uid = site.studies["chest"]
-    case = site.get(f"/api/cases/{uid}").json()
-    pneumonia = next(m for m in case["models"] if m["name"] == "pneumonia")
-    image = pneumonia["images"][0]
-    decided = site.post(
-        f"/api/cases/{uid}/reviews",
-        {
-            "model": "pneumonia",
-            "base_version": 0,
-            "answers": [{"sop_instance_uid": image["sop_instance_uid"], "label": image["ai_label"]}],
-        },
-    )
-    assert decided.status_code == 201, decided.text
+    decide(site, uid, correct=False)
     engine = create_engine(site.db)
     with engine.connect() as db:
         study_id = db.scalar(select(Study.id).where(Study.study_instance_uid == uid))

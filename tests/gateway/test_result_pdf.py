@@ -16,7 +16,7 @@ import pytest
 from reporting.encapsulated import ENCAPSULATED_PDF
 from tests.peers import wait_for
 from tests.reporting.dciodvfy import assert_dciodvfy_clean
-from tests.review_site import Site, review_site
+from tests.review_site import Site, decide, review_site
 
 pytestmark = [pytest.mark.e2e]
 
@@ -68,18 +68,7 @@ def test_the_pacs_gets_the_pdf_with_the_srs_and_again_after_a_decision(site: Sit
         assert f"{model['name']} {model['version']}" in text
     assert sorted(m["name"] for m in case["models"]) == ["covid19", "pneumonia"]  # not "pdf"
 
-    pneumonia = next(m for m in case["models"] if m["name"] == "pneumonia")
-    image = pneumonia["images"][0]
-    other = next(lab for lab in pneumonia["labels"] if lab["key"] != image["ai_label"])
-    decided = site.post(
-        f"/api/cases/{uid}/reviews",
-        {
-            "model": "pneumonia",
-            "base_version": 0,
-            "answers": [{"sop_instance_uid": image["sop_instance_uid"], "label": other["key"]}],
-        },
-    )
-    assert decided.status_code == 201, decided.text
+    other = decide(site, uid, correct=True)
     both = wait_for("the PDF with the decision", lambda: len(_documents(site, uid)) == 2, timeout=60)
     assert both
     newer = next(ds for ds in _documents(site, uid) if ds.SOPInstanceUID != document.SOPInstanceUID)

@@ -168,6 +168,7 @@ def load_case(session: Session, study_uid: str, settings: Settings, storage: Sto
                 "labels": [
                     {"key": lab.key, "title": lab.title} for lab in labels.labels_of(report.model_name, names)
                 ],
+                "cautions": labels.cautions(report.model_name, names),
                 "base_version": latest.version if latest else 0,
                 "comment": latest.comment if latest else None,
                 "flagged": latest.flagged if latest else False,
@@ -269,6 +270,7 @@ def pdf_context(view: CaseView, storage: Storage, study_uid: str) -> dict[str, A
                     "assessable": answer["assessable"],
                     "reason": answer["reason"],
                     "findings": answer["findings"],
+                    "cautions": labels.cautions(m["name"], [str(f["finding"]) for f in answer["findings"]]),
                     "ai_title": answer["ai_title"],
                     "decision": decisions.get((m["name"], sop)),
                 }

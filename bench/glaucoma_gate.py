@@ -1,6 +1,7 @@
 """Which genuine fundus photographs does the shipped glaucoma model's input-consistency gate refuse, and why?
 
     .venv/bin/python bench/glaucoma_gate.py [--limit N] [--variations a,b,...] [--json PATH] [--no-samples]
+        [--bundle FOLDER]
 
 The model is loaded as ``gateway predict`` loads it (:class:`inference.registry.ModelRegistry`, shipped
 bundle ``glaucoma``) and every image goes through :meth:`BundleModel.check_input`, the served gate: rule gate,
@@ -37,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -56,103 +56,9 @@ from inference.metadata import METADATA_FILE, TFLITE_FILE  # noqa: E402
 from inference.preprocess import load_image_file  # noqa: E402
 from inference.registry import ModelRegistry  # noqa: E402
 from inference.runners import TfliteRunner  # noqa: E402
+from training.camera import VARIATIONS  # noqa: E402
 from training.data import DEFAULT_SEED, labels_csv, read_labels, split_indices  # noqa: E402
 from training.glaucoma.recipe import binary_label  # noqa: E402
-
-# ---------------------------------------------------------------------------------------------------------
-# Camera variations: f(rgb float32 in [0, 1], strength, rng) -> rgb. Photometric ones act on the lit field
-# only (the black border of a camera stays black), as a camera's exposure and white balance would.
-
-Variation = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
-
-
-def _field(rgb: np.ndarray) -> np.ndarray:
-    """Mask of the lit field of view (brightest channel above 0.04), HxWx1."""
-    return (rgb.max(axis=2, keepdims=True) > 0.04).astype(np.float32)
-
-
-def brightness(rgb: np.ndarray, gain: float, rng: np.random.Generator) -> np.ndarray:
-    return np.clip(rgb * gain, 0, 1)
-
-
-def contrast(rgb: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
-    mask = _field(rgb)
-    mean = (rgb * mask).sum(axis=(0, 1)) / max(float(mask.sum()), 1.0)
-    return np.clip((mean + (rgb - mean) * factor) * mask, 0, 1)
-
-
-def gamma(rgb: np.ndarray, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    return np.power(np.clip(rgb, 0, 1), exponent)
-
-
-def colour_temperature(rgb: np.ndarray, shift: float, rng: np.random.Generator) -> np.ndarray:
-    """Per-channel gains: ``shift`` > 0 warmer (more red, less blue), < 0 cooler."""
-    gains = np.array([1 + 0.5 * shift, 1.0, 1 - shift], dtype=np.float32)
-    return np.clip(rgb * gains, 0, 1)
-
-
-def blur(rgb: np.ndarray, sigma_fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian blur, sigma as a fraction of the long side (1/512 = 1 px on a training photograph)."""
-    sigma = sigma_fraction * max(rgb.shape[:2])
-    return np.asarray(cv2.GaussianBlur(rgb, (0, 0), sigma), dtype=np.float32)
-
-
-def vignetting(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Radial fall-off 1 - strength * (r / R)^2 around the image centre (R: half the short side)."""
-    h, w = rgb.shape[:2]
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    r2 = ((x - w / 2) ** 2 + (y - h / 2) ** 2) / (min(h, w) / 2) ** 2
-    return np.clip(rgb * np.clip(1 - strength * r2, 0, 1)[..., None], 0, 1)
-
-
-def field_of_view(rgb: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A narrower camera field: the central ``fraction`` of the image enlarged back to the original size."""
-    h, w = rgb.shape[:2]
-    ch, cw = round(h * fraction), round(w * fraction)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    out = cv2.resize(rgb[y0 : y0 + ch, x0 : x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.asarray(out, dtype=np.float32)
-
-
-def off_centre(rgb: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """The photograph shifted by ``fraction`` of its side in a seeded direction (black fill)."""
-    h, w = rgb.shape[:2]
-    angle = rng.uniform(0, 2 * np.pi)
-    dx, dy = fraction * w * np.cos(angle), fraction * h * np.sin(angle)
-    matrix = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
-    return np.asarray(cv2.warpAffine(rgb, matrix, (w, h), borderValue=0), dtype=np.float32)
-
-
-def jpeg(rgb: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarray:
-    bgr = cv2.cvtColor(np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
-    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    assert ok and decoded is not None
-    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB).astype(np.float32) / 255
-
-
-def resolution(rgb: np.ndarray, side: float, rng: np.random.Generator) -> np.ndarray:
-    """Resized to a long side of ``side`` px (area when shrinking, cubic when enlarging)."""
-    h, w = rgb.shape[:2]
-    scale = side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    return np.clip(np.asarray(cv2.resize(rgb, size, interpolation=interpolation), dtype=np.float32), 0, 1)
-
-
-#: name -> (function, strengths with their labels).
-VARIATIONS: dict[str, tuple[Variation, dict[str, float]]] = {
-    "brightness": (brightness, {"x0.6": 0.6, "x0.8": 0.8, "x1.25": 1.25, "x1.5": 1.5}),
-    "contrast": (contrast, {"x0.6": 0.6, "x0.8": 0.8, "x1.25": 1.25, "x1.5": 1.5}),
-    "gamma": (gamma, {"0.7": 0.7, "1.4": 1.4}),
-    "colour": (colour_temperature, {"warm-.2": 0.2, "warm-.35": 0.35, "cool-.2": -0.2, "cool-.4": -0.4}),
-    "blur": (blur, {"s1px": 1 / 512, "s2px": 2 / 512, "s4px": 4 / 512}),
-    "vignetting": (vignetting, {"0.3": 0.3, "0.6": 0.6}),
-    "fov": (field_of_view, {"80%": 0.8, "65%": 0.65}),
-    "shift": (off_centre, {"10%": 0.10, "20%": 0.20}),
-    "jpeg": (jpeg, {"q60": 60, "q30": 30}),
-    "resolution": (resolution, {"384px": 384, "256px": 256, "1500px": 1500}),
-}
 
 # ---------------------------------------------------------------------------------------------------------
 # The served verdict, parsed. Each pattern: check name, regex with (value, bound).
@@ -221,7 +127,7 @@ class GateAudit:
             "gray_std_bound": bounds.blank_std,
             "saturation": rules.saturation,
             "saturation_bound": bounds.colour_saturation,
-            "ssim": ssim(ssim_view(work), stats.mean_view),
+            "ssim": ssim(ssim_view(work, location.kind, gate.view), stats.mean_view),
             "ssim_bound": stats.ssim_min,
             "colour": stats.distance(crop_features(crop)),
             "colour_bound": stats.distance_max,
@@ -401,12 +307,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None, help="write every per-image record here")
     parser.add_argument("--no-samples", action="store_true", help="skip fundus-disc-samples")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="a glaucoma bundle folder (default: the shipped one)"
+    )
     args = parser.parse_args(argv)
     variations = [v for v in args.variations.split(",") if v]
     if unknown := sorted(set(variations) - set(VARIATIONS)):
         parser.error(f"unknown variation(s) {unknown}; known: {', '.join(VARIATIONS)}")
 
-    model = ModelRegistry().get("glaucoma")
+    model = BundleModel(args.bundle) if args.bundle else ModelRegistry().get("glaucoma")
     if not isinstance(model, BundleModel):
         parser.error("the shipped glaucoma bundle is missing")
     audit = GateAudit(model)

@@ -7,7 +7,7 @@ label ("bacterial pneumonia", "normal", ...), and the verified report carries th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 NOT_ASSESSABLE = "not_assessable"
@@ -70,6 +70,27 @@ REQUIRES: dict[tuple[str, str], str] = {
     ("pneumonia", "bacterial_pneumonia"): "pneumonia",
     ("pneumonia", "viral_pneumonia"): "pneumonia",
 }
+
+
+#: What a reader must know about a finding before using it, said beside it in every SR, page and PDF.
+SUBTYPE_CAUTION = (
+    "Bacterial vs viral subtype is unreliable (validation AUC 0.78; experts also disagree on a radiograph): "
+    "do not base treatment on it."
+)
+CAUTIONS: dict[tuple[str, str], str] = {
+    ("pneumonia", "bacterial_pneumonia"): SUBTYPE_CAUTION,
+    ("pneumonia", "viral_pneumonia"): SUBTYPE_CAUTION,
+}
+
+
+def cautions(model: str, findings: Iterable[str]) -> list[str]:
+    """The cautions of ``model``'s ``findings``, each text once, in the order of the findings."""
+    out: list[str] = []
+    for finding in findings:
+        text = CAUTIONS.get((model, finding))
+        if text is not None and text not in out:
+            out.append(text)
+    return out
 
 
 def counts(model: str, finding: str, present: set[str] | frozenset[str]) -> bool:

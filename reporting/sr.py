@@ -43,6 +43,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
 
 from core.domain import DECISION_SUPPORT_NOTICE, MANUFACTURER, Finding, ImageResult, ModelInfo
+from core.labels import cautions
 from core.storage import write_atomic
 from reporting import codes as ourcodes
 
@@ -360,7 +361,9 @@ def build_report(
     notice = ContainerContentItem(
         name=ourcodes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
-    notice.ContentSequence = ContentSequence([_comment(DECISION_SUPPORT_NOTICE)])
+    reported = [f.name for r in results for f in r.findings]
+    texts = [DECISION_SUPPORT_NOTICE, *cautions(model.name, reported)]
+    notice.ContentSequence = ContentSequence([_comment(text) for text in texts])
     content.append(notice)
 
     description = f"AI screening: {model.name} {model.version}"[:64]

@@ -67,13 +67,34 @@ def fit_kind_stats(views: Sequence[np.ndarray], feats: np.ndarray) -> KindStats:
 
 
 def fit_fundus_gate(
-    full: Sequence[tuple[np.ndarray, DiscLocation]], crops: Sequence[np.ndarray], size: int
+    full: Sequence[tuple[np.ndarray, DiscLocation]],
+    crops: Sequence[np.ndarray],
+    size: int,
+    *,
+    view: int = 1,
+    cameras: Sequence[tuple[np.ndarray, DiscLocation]] = (),
 ) -> FundusGate:
-    """Gate statistics from training photographs (with their disc locations) and disc crops."""
-    full_crops = [crop_at(as_rgb(im), loc.cx, loc.cy, loc.crop_side, size) for im, loc in full]
+    """Gate statistics from training photographs (with their disc locations) and disc crops.
+
+    ``cameras``: the same photographs as other cameras would take them (:func:`training.camera.random_camera`,
+    located again as served), added to the kind the localiser gives them; their disc crops also join the disc
+    crops. ``view``: the SSIM view (:data:`inference.gates.fundus.VIEWS`).
+    """
+    full_items = list(full)
+    crop_list = [as_rgb(c) for c in crops]
+    for im, loc in cameras:
+        if loc.kind == "full":
+            full_items.append((im, loc))
+            crop_list.append(crop_at(as_rgb(im), loc.cx, loc.cy, loc.crop_side, size))
+        else:
+            h, w = im.shape[:2]
+            crop_list.append(crop_at(as_rgb(im), w / 2, h / 2, min(h, w), size))
+    full_crops = [crop_at(as_rgb(im), loc.cx, loc.cy, loc.crop_side, size) for im, loc in full_items]
     full_stats = fit_kind_stats(
-        [ssim_view(im) for im, _ in full],
+        [ssim_view(im, "full", view) for im, _ in full_items],
         np.stack([crop_features(c) for c in full_crops]),
     )
-    disc_stats = fit_kind_stats([ssim_view(c) for c in crops], np.stack([crop_features(c) for c in crops]))
-    return FundusGate({"full": full_stats, "disc": disc_stats})
+    disc_stats = fit_kind_stats(
+        [ssim_view(c, "disc", view) for c in crop_list], np.stack([crop_features(c) for c in crop_list])
+    )
+    return FundusGate({"full": full_stats, "disc": disc_stats}, view=view)

@@ -10,6 +10,11 @@ vs normal), compared by DeLong's test, and the accuracy of the three-class answe
 COVID-19, viral pneumonia), compared by McNemar's test. The candidate passes when its primary metric is
 higher and its sensitivity (for the first finding, at its own calibrated threshold, the one its reports
 use) is not lower than the active model's by more than ``margin``.
+
+A version that answers more, not better (a refitted input-consistency gate in front of the same network)
+passes the other way: its primary metric on the images both assess is not lower, it finds fewer images of
+the evaluation set not assessable, and its primary metric on everything it assesses is not lower than the
+active model's on everything that one assesses by more than ``margin``; the sensitivity rule applies too.
 """
 
 from __future__ import annotations
@@ -127,11 +132,66 @@ def evaluate_pair(
         "candidate": {"version": c.version, "reference": reference_figures(c_all, str(csv_path))},
         "margin": margin,
     }
+    all_labels = [row["label"].strip().lower() for row in rows]
     if name in BINARY:
+        for key, results in (("active", a_all), ("candidate", c_all)):
+            figures[key]["auc_own"] = _own_auc(name, all_labels, results)
         return _binary_gate(name, labels, a, c, margin, figures)
     if name == "covid19":
+        for key, results in (("active", a_all), ("candidate", c_all)):
+            figures[key]["accuracy_own"] = _own_accuracy(all_labels, results)
         return _covid_gate(labels, a, c, margin, figures)
     raise ValueError(f"no promotion gate for model {name!r}")
+
+
+def _own_auc(name: str, labels: list[str], results: Sequence[Any]) -> float | None:
+    """AUC of the first finding on every labelled image the model assesses (None without both classes)."""
+    from sklearn.metrics import roc_auc_score
+
+    known = BINARY[name]
+    kept = [
+        (known[lb], r.findings[0].probability)
+        for lb, r in zip(labels, results, strict=True)
+        if r.assessable and lb in known
+    ]
+    if len({y for y, _ in kept}) < 2:
+        return None
+    return float(roc_auc_score([y for y, _ in kept], [p for _, p in kept]))
+
+
+def _own_accuracy(labels: list[str], results: Sequence[Any]) -> float | None:
+    right = [
+        _covid_answer({f.name: f.probability for f in r.findings}) == COVID_CLASSES.index(lb)
+        for lb, r in zip(labels, results, strict=True)
+        if r.assessable and lb in COVID_CLASSES
+    ]
+    return sum(right) / len(right) if right else None
+
+
+def _covid_answer(p: dict[str, float]) -> int:
+    pc, pv = p.get("covid19", 0.0), p.get("viral_pneumonia", 0.0)
+    return int(np.argmax([1.0 - pc - pv, pc, pv]))
+
+
+def _answers_more(metric: str, margin: float, figures: dict[str, Any]) -> str | None:
+    """Why a candidate whose metric on the common images is not lower still fails the "answers more" route,
+    or None when it passes it (fewer not assessable, its metric on everything it assesses not lower than the
+    active's on everything that one assesses by more than ``margin``)."""
+    na_a = figures["active"]["reference"]["not_assessable_share"]
+    na_c = figures["candidate"]["reference"]["not_assessable_share"]
+    if na_a is None or na_c is None or not na_c < na_a:
+        return (
+            f"it finds no fewer images not assessable ({na_c:.4f} vs the active model's {na_a:.4f})"
+            if na_a is not None and na_c is not None
+            else "no evaluation image"
+        )
+    own_a, own_c = figures["active"].get(f"{metric}_own"), figures["candidate"].get(f"{metric}_own")
+    if own_a is not None and (own_c is None or own_c < own_a - margin):
+        return (
+            f"{metric} on everything it assesses {own_c if own_c is not None else float('nan'):.4f} is lower "
+            f"than the active model's {own_a:.4f} by more than {margin}"
+        )
+    return None
 
 
 def _binary_gate(
@@ -152,7 +212,14 @@ def _binary_gate(
     figures["active"]["auc"], figures["candidate"]["auc"] = test.auc_a, test.auc_b
     reasons = []
     if not test.auc_b > test.auc_a:
-        reasons.append(f"AUC {test.auc_b:.4f} is not higher than the active model's {test.auc_a:.4f}")
+        more = _answers_more("auc", margin, figures) if test.auc_b >= test.auc_a else "lower"
+        if more is None:
+            figures["route"] = "answers more"
+        else:
+            reasons.append(
+                f"AUC {test.auc_b:.4f} is not higher than the active model's {test.auc_a:.4f}"
+                + ("" if more == "lower" else f", and as an equal model {more}")
+            )
     reasons += _sensitivity(y, [a.present[i] for i in keep], [c.present[i] for i in keep], margin, figures)
     return GateResult(not reasons, reasons, figures)
 
@@ -166,12 +233,7 @@ def _covid_gate(
     truth = [COVID_CLASSES.index(labels[i]) for i in keep]
 
     def answers(s: Scored) -> list[int]:
-        out = []
-        for i in keep:
-            p = s.probabilities[i]
-            pc, pv = p.get("covid19", 0.0), p.get("viral_pneumonia", 0.0)
-            out.append(int(np.argmax([1.0 - pc - pv, pc, pv])))
-        return out
+        return [_covid_answer(s.probabilities[i]) for i in keep]
 
     right_a = [x == t for x, t in zip(answers(a), truth, strict=True)]
     right_c = [x == t for x, t in zip(answers(c), truth, strict=True)]
@@ -181,7 +243,14 @@ def _covid_gate(
     figures["active"]["accuracy"], figures["candidate"]["accuracy"] = acc_a.as_dict(), acc_c.as_dict()
     reasons = []
     if not acc_c.value > acc_a.value:
-        reasons.append(f"accuracy {acc_c.value:.4f} is not higher than the active model's {acc_a.value:.4f}")
+        more = _answers_more("accuracy", margin, figures) if acc_c.value >= acc_a.value else "lower"
+        if more is None:
+            figures["route"] = "answers more"
+        else:
+            reasons.append(
+                f"accuracy {acc_c.value:.4f} is not higher than the active model's {acc_a.value:.4f}"
+                + ("" if more == "lower" else f", and as an equal model {more}")
+            )
     y = np.array([1 if labels[i] == "covid19" else 0 for i in keep])
     reasons += _sensitivity(y, [a.present[i] for i in keep], [c.present[i] for i in keep], margin, figures)
     return GateResult(not reasons, reasons, figures)
@@ -230,7 +299,16 @@ def describe(result: GateResult) -> str:
                 else f", right by active only {t['only_a']}, by candidate only {t['only_b']}"
             )
         )
-    lines.append("  PASSED" if result.passed else "  REFUSED: " + "; ".join(result.reasons))
+    shares = [f[k]["reference"].get("not_assessable_share") for k in ("active", "candidate")]
+    if None not in shares:
+        lines.append(
+            f"  not assessable active {f['active']['version']}: {shares[0]:.4f}   "
+            f"candidate {f['candidate']['version']}: {shares[1]:.4f}"
+        )
+    if result.passed and f.get("route") == "answers more":
+        lines.append("  PASSED (as good where both answer, and answers more)")
+    else:
+        lines.append("  PASSED" if result.passed else "  REFUSED: " + "; ".join(result.reasons))
     return "\n".join(lines)
 
 

@@ -259,6 +259,10 @@ class ModelOut(BaseModel):
     report_uid: str
     card_url: str | None
     labels: list[dict[str, str]]
+    cautions: list[str] = Field(
+        default_factory=list,
+        description="what a reader must know about some of its findings (e.g. unreliable)",
+    )
     base_version: int = Field(description="the latest review's version: send it back with a decision")
     images: list[ModelImageOut]
 

@@ -6,7 +6,11 @@ two checks, each with separate statistics for full photographs and for optic-dis
 
 1. Structural similarity (SSIM, as the COVID-19 service did with an average chest radiograph) of the image,
    gray at 64 x 64, with the average training image of its kind, stored in the bundle. Below the 0.5th
-   percentile of the training images the input is rejected.
+   percentile of the training images the input is rejected. View 2 (glaucoma 1.2.0 on,
+   :func:`field_view`) compares the field of view, not the frame: a full photograph is cut to the square
+   around its round field (zero-padded, so a 3:2 frame or a shifted field looks like a centred square one),
+   masked to the circle (a borderless photograph gets the round edge it lost), and every view is scaled to
+   one mean exposure; view 1 (older bundles) is the whole frame as it is.
 2. Mahalanobis distance of 14 colour and texture statistics of the disc crop the network sees to those of
    the training images (Ledoit-Wolf covariance). The bound is the 99.5th percentile of the
    training distances; the model card reports how many validation images it rejects (goal <= 1 %).
@@ -35,12 +39,17 @@ import numpy as np
 from skimage.metrics import structural_similarity
 
 from inference.optic_disc import (
+    BORDERLESS_FOV,
+    FULL_CORNERS,
     DiscLocation,
     InputKind,
     as_rgb,
     crop_at,
+    dark_corners,
+    fov_mask,
     locate_disc,
     place_on_image,
+    reduce,
 )
 
 GATE_FILE = "fundus_gate.npz"
@@ -50,12 +59,49 @@ SSIM_SIDE = 64
 KINDS: tuple[InputKind, ...] = ("full", "disc")
 
 
-def ssim_view(image: np.ndarray) -> np.ndarray:
-    """Gray 64 x 64 float32 view compared with the average image."""
+#: Mean and SD of the gray level of the lit field in a view-2 SSIM view (about those of training photographs).
+VIEW_EXPOSURE = 0.35
+VIEW_CONTRAST = 0.1
+#: SSIM views: 1 the whole frame, 2 the field of view at one exposure (:func:`field_view`).
+VIEWS = (1, 2)
+
+
+def ssim_view(image: np.ndarray, kind: InputKind = "full", view: int = 1) -> np.ndarray:
+    """Gray 64 x 64 float32 view compared with the average image of ``kind``."""
+    if view == 2:
+        return field_view(image, kind)
     gray = cv2.cvtColor(as_rgb(image), cv2.COLOR_RGB2GRAY)
     return np.asarray(
         cv2.resize(gray, (SSIM_SIDE, SSIM_SIDE), interpolation=cv2.INTER_AREA), dtype=np.float32
     )
+
+
+def field_view(image: np.ndarray, kind: InputKind) -> np.ndarray:
+    """View 2: a full photograph's field of view cut square around its centre and masked to its circle (a
+    disc crop: the whole frame), its lit part at mean :data:`VIEW_EXPOSURE` and SD :data:`VIEW_CONTRAST`."""
+    small, _ = reduce(image)
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    h, w = gray.shape
+    if kind == "disc":
+        view = cv2.resize(gray, (SSIM_SIDE, SSIM_SIDE), interpolation=cv2.INTER_AREA)
+    else:
+        mask = fov_mask(small)
+        if dark_corners(small) < FULL_CORNERS or not mask.any():  # borderless: the field is wider
+            cx, cy, diameter = w / 2, h / 2, BORDERLESS_FOV * max(h, w)
+        else:
+            ys, xs = np.nonzero(mask)
+            cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+            diameter = float(max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1))
+        yy, xx = np.mgrid[0:h, 0:w]
+        circle = ((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2) <= (diameter / 2) ** 2
+        view = crop_at(np.where(circle, gray, 0).astype(np.float32), cx, cy, diameter, SSIM_SIDE)
+    view = np.asarray(view, dtype=np.float32)
+    lit = view > 0.02
+    if lit.sum() > 1:
+        level, spread = float(view[lit].mean()), float(view[lit].std())
+        scaled = VIEW_EXPOSURE + (view - level) * (VIEW_CONTRAST / max(spread, 1e-3))
+        view = np.where(lit, np.clip(scaled, 0.02, 1.0), 0.0)
+    return np.asarray(view, dtype=np.float32)
 
 
 def ssim(view: np.ndarray, mean: np.ndarray) -> float:
@@ -141,14 +187,18 @@ class FundusGate:
 
     stats: dict[str, KindStats]
     embedding: EmbeddingStats | None = None
+    view: int = 1  # SSIM view (:data:`VIEWS`)
 
     def reason(self, image: np.ndarray, location: DiscLocation, crop: np.ndarray) -> str | None:
         """None when the input passes, else why it does not."""
         s = self.stats[location.kind]
         kind = "full-field fundus photograph" if location.kind == "full" else "optic-disc crop"
-        score = ssim(ssim_view(image), s.mean_view)
+        article = "a" if location.kind == "full" else "an"
+        score = ssim(ssim_view(image, location.kind, self.view), s.mean_view)
         if score < s.ssim_min:
-            return f"does not look like a {kind} (SSIM {score:.2f} with the average < {s.ssim_min:.2f})"
+            return (
+                f"does not look like {article} {kind} (SSIM {score:.2f} with the average < {s.ssim_min:.2f})"
+            )
         distance = self.distance(image, location, crop)
         if distance > s.distance_max:
             return (
@@ -171,6 +221,7 @@ class FundusGate:
             arrays["embedding_centre"] = self.embedding.centre
             arrays["embedding_precision"] = self.embedding.precision
             arrays["embedding_bound"] = np.array([self.embedding.distance_max])
+        arrays["ssim_view"] = np.array([self.view])
         np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
         return path
 
@@ -194,7 +245,10 @@ class FundusGate:
                 if "embedding_centre" in data
                 else None
             )
-        return cls(stats, embedding)
+            view = int(data["ssim_view"][0]) if "ssim_view" in data else 1
+        if view not in VIEWS:
+            raise ValueError(f"{path}: unknown SSIM view {view}; known: {VIEWS}")
+        return cls(stats, embedding, view)
 
 
 def reduce_by_integer(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from core.labels import SUBTYPE_CAUTION
 from reporting.pdf import render_pdf
 from tests import factories as f
 from tests.peers import free_port, wait_for
@@ -74,6 +75,14 @@ def test_the_pdf_shows_findings_decision_and_notice(site: Site, tmp_path: Path) 
             for finding in img["findings"]:
                 assert f"{finding['probability']:.3f}" in text and f"{finding['threshold']:.3f}" in text
     assert f"Radiologist: {other['title']} (corrected)" in text
+    # the pneumonia model's bacterial/viral subtype carries its caution, on the PDF and the case page
+    chest = [m for m in case["models"] if m["name"] == "pneumonia"]
+    pneumonia = [i for m in chest for i in m["images"] if i["assessable"]]
+    assert pneumonia, "the chest study needs an assessed pneumonia result"
+    assert "Bacterial vs viral subtype is unreliable" in " ".join(text.split())
+    assert chest[0]["cautions"] == [SUBTYPE_CAUTION]
+    page = site.get(f"/cases/{uid}")
+    assert page.status_code == 200 and SUBTYPE_CAUTION in page.text
     assert "<script>" in text  # the patient name (an XSS payload) is text in the PDF, as on the page
     assert _images(pdf, tmp_path) >= 3  # the image and a heatmap per chest model
 

@@ -14,6 +14,7 @@ import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from core.domain import DECISION_SUPPORT_NOTICE, MANUFACTURER, Finding, ImageResult, ModelInfo
+from core.labels import SUBTYPE_CAUTION
 from reporting import codes
 from reporting import sr as sr_module
 from reporting.sr import build_report, input_hash, report_series_uid, report_uid, write_report
@@ -159,13 +160,18 @@ def test_report_states_decision_support_notice(chest_report_path: Path) -> None:
     sr = pydicom.dcmread(chest_report_path)
     top = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
     (evaluations,) = [i for i in top if meaning(i) == "Qualitative Evaluations"]
-    (notice,) = evaluations.ContentSequence
+    notice, *rest = evaluations.ContentSequence
     assert (notice.ValueType, meaning(notice), notice.TextValue) == (
         "TEXT",
         "Comment",
         DECISION_SUPPORT_NOTICE,
     )
     assert "not a diagnosis" in notice.TextValue
+    # the pneumonia report carries bacterial/viral findings: their caution follows, once
+    reported = {i.ConceptCodeSequence[0].CodeMeaning for i in walk(sr) if i.ValueType == "CODE"}
+    assert {"Bacterial pneumonia", "Viral pneumonia"} <= reported
+    assert [(i.ValueType, meaning(i), i.TextValue) for i in rest] == [("TEXT", "Comment", SUBTYPE_CAUTION)]
+    assert "unreliable" in SUBTYPE_CAUTION
 
 
 def test_device_observer(chest_report_path: Path) -> None:
@@ -195,6 +201,8 @@ def test_fundus_report_with_pixel_data_source(tmp_path: Path) -> None:
     )
     path = write_report(sr, tmp_path / "fundus_sr.dcm")
     assert_dciodvfy_clean(path)
+    texts = [i.TextValue for i in walk(pydicom.dcmread(path)) if i.ValueType == "TEXT"]
+    assert DECISION_SUPPORT_NOTICE in texts and SUBTYPE_CAUTION not in texts  # no caution for glaucoma
 
     back = pydicom.dcmread(path)
     assert back.StudyInstanceUID == fundus.StudyInstanceUID

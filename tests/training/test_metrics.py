@@ -28,6 +28,24 @@ def test_auc_matches_sklearn_with_a_seeded_ci(scored: tuple[np.ndarray, np.ndarr
     assert str(est).startswith(f"{est.value:.3f} (95% CI ")
 
 
+def test_auc_ci_by_groups_resamples_whole_groups() -> None:
+    """Four sites, two of them ranked well and two badly: resampling sites gives a wider interval than
+    resampling images, and a group resample never splits a site."""
+    rng = np.random.default_rng(3)
+    y, s, g = [], [], []
+    for site, good in (("a", True), ("b", True), ("c", False), ("d", False)):
+        labels = rng.integers(0, 2, 40)
+        noise = rng.normal(0, 0.3 if good else 3.0, 40)
+        y += labels.tolist()
+        s += (labels + noise).tolist()
+        g += [site] * 40
+    by_image = E.auc_ci(y, s, n_boot=400, seed=2)
+    by_site = E.auc_ci(y, s, n_boot=400, seed=2, groups=g)
+    assert by_site.value == by_image.value
+    assert by_site.high - by_site.low > 1.5 * (by_image.high - by_image.low)
+    assert E.auc_ci(y, s, n_boot=400, seed=2, groups=np.asarray(g)) == by_site
+
+
 def test_wilson_interval_known_values() -> None:
     est = E.wilson_ci(8, 10)
     assert (est.value, round(est.low, 3), round(est.high, 3)) == (0.8, 0.49, 0.943)

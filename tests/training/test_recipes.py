@@ -73,6 +73,7 @@ def test_train_pneumonia_end_to_end(trained: Path, tiny_pneumonia_data: Path) ->
     meta = json.loads((trained / "model.json").read_text())
     assert meta["domain_gate"]["file"] == "domain_gate.tflite" and 0 <= meta["domain_gate"]["min_score"] < 1
     assert meta["training"]["seed"] == 5 and meta["training"]["epochs_run"] == 1
+    assert meta["training"]["members"] == 3  # seeds 5, 6, 7 averaged in one graph
     assert [o["finding"] for o in meta["outputs"]] == ["pneumonia", "bacterial_pneumonia", "viral_pneumonia"]
     assert meta["version"] == json.loads((T.WEIGHTS_DIR / "pneumonia" / "model.json").read_text())["version"]
     card = (trained / "card.md").read_text()

@@ -56,17 +56,27 @@ def auc_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> Estimate:
     """ROC AUC of binary labels (1 = positive) with a percentile-bootstrap CI (resampling images, seeded).
 
-    Resamples that hold one class only are skipped.
+    With ``groups`` (e.g. the database of each image) whole groups are resampled (cluster bootstrap), so the
+    interval covers the spread between cameras or sites, not only between images. Resamples that hold one
+    class only are skipped.
     """
     y, s = _binary(y_true), np.asarray(scores, dtype=np.float64)
     value = float(roc_auc_score(y, s))
     rng = np.random.default_rng(seed)
+    members: list[np.ndarray] = []
+    if groups is not None:
+        g = np.asarray(groups)
+        members = [np.flatnonzero(g == name) for name in dict.fromkeys(g.tolist())]
     boot: list[float] = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
+        if members:
+            idx = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        else:
+            idx = rng.integers(0, len(y), len(y))
         if y[idx].min() == y[idx].max():
             continue
         boot.append(float(roc_auc_score(y[idx], s[idx])))

@@ -85,7 +85,8 @@ def finish_pneumonia(
         "feature_layers": list(GATE_LAYERS),
         "domain_gate": domain.spec.as_dict(),
         "heatmap": {"layers": ["last_conv_relu"], "heads": ["pneumonia", "subtype"], "softmax": [[1, 2]]},
-        "training": _training_record(config, history, len(tr), len(va), grouped=True, size=input_size(net)),
+        "training": _training_record(config, history, len(tr), len(va), grouped=True, size=input_size(net))
+        | {"members": 1 + sum(layer.name.startswith("member_") for layer in net.layers)},
     }
     bundle = _write(config, net, metadata, gate, domain)
     metrics = pneumonia_metrics(yv, cal, threshold)

@@ -43,6 +43,15 @@ def write_pneumonia_card(
         "two heads on the embedding: Dense(1, sigmoid) = P(pneumonia) and Dense(2, softmax) = "
         "P(bacterial | pneumonia), P(viral | pneumonia); output columns [pneumonia, bacterial, viral]"
     )
+    members = int(rec.get("members", 1))
+    if members > 1:
+        head += (
+            f". **{members} such networks, averaged** (1.1.0 on): trained alike on the same split with seeds "
+            f"s, s + 1, ..., s + {members - 1} (the first is the 1.0.x network), joined into one graph that "
+            "averages their output columns; the gate embedding and the heatmap come from the first. An "
+            "ensemble of seeds is chosen because it lowers variance, which carries over to other splits; "
+            "the validation AUC (0.998 for one network) cannot show that (saturated)"
+        )
     return E.write_card(
         config.card_path,
         title=f"Model card: pneumonia {metadata['version']} (chest X-ray, pneumonia + subtype)",
@@ -87,7 +96,9 @@ def write_pneumonia_card(
             f"{SIZES['pneumonia']} x {SIZES['pneumonia']} square, so a DICOM of any shape is also squashed.\n"
             "- Labels come from the original graders; bacterial vs viral on a radiograph is uncertain even "
             "for "
-            "experts, so the subtype output is weaker (see its AUC).\n"
+            "experts, so the subtype output is weaker (see its AUC): **the bacterial vs viral subtype is "
+            "unreliable and must not guide treatment**; every SR, case page and PDF says so beside it "
+            "(`core.labels.SUBTYPE_CAUTION`).\n"
             "- Validation comes from the same source as training: the independent held-out test measurement "
             "may be "
             "lower."

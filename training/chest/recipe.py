@@ -19,9 +19,11 @@ from training.chest.network import (
     COVID_CLASSES,
     COVID_MEMBER_SIZES,
     EPOCHS,
+    PNEUMONIA_MEMBERS,
     build_covid_net,
     build_pneumonia_net,
     combine_covid,
+    combine_members,
     covid_split,
     load_covid,
     load_pneumonia,
@@ -58,16 +60,31 @@ def _fit_or_load(
 
 
 def train_pneumonia(config: recipes.TrainConfig) -> Path:
-    """Train ``pneumonia`` and write its bundle and card (see module docstring)."""
+    """Train ``pneumonia`` and write its bundle and card (see module docstring).
+
+    With ``extra["members"]`` = n > 1 (1.1.0 on: :data:`PNEUMONIA_MEMBERS`) the bundle averages n networks
+    trained alike with seeds seed, seed + 1, ... (:func:`training.chest.network.combine_members`); member 0 is
+    the one ``reuse`` loads, the others come from ``extra["members_dir"]`` when an earlier run saved them.
+    """
     rows, x, y = load_pneumonia(config.data)
     tr, va = pneumonia_split(rows, y, config.seed)
     logger.info("pneumonia: %d train, %d validation images", len(tr), len(va))
-    net, history = _fit_or_load(
-        config,
-        "pneumonia",
-        build_pneumonia_net,
-        {"x_train": x[tr], "y_train": y[tr], "x_val": x[va], "y_val": y[va], "loss": pneumonia_loss},
-    )
+    fit_args = {"x_train": x[tr], "y_train": y[tr], "x_val": x[va], "y_val": y[va], "loss": pneumonia_loss}
+    members = int(config.extra.get("members", PNEUMONIA_MEMBERS))
+    net, history = _fit_or_load(config, "pneumonia", build_pneumonia_net, fit_args)
+    if members > 1 and not net.name.startswith("pneumonia_cnn_x"):  # reuse of an averaged bundle: as it is
+        nets = [net]
+        for k in range(1, members):
+
+            def train_member(k: int = k) -> tuple[Any, dict]:
+                member = build_pneumonia_net(config.seed + k)
+                epochs = config.epochs or EPOCHS["pneumonia"]
+                return member, fitting.fit(member, epochs=epochs, seed=config.seed + k, **fit_args)
+
+            nets.append(
+                fitting.cached_network(config.extra.get("members_dir"), f"pneumonia_{k}", train_member)[0]
+            )
+        net = combine_members(nets, "pneumonia_cnn")
     return bundle.finish_pneumonia(config, net, history, rows, x, y, tr, va)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,11 @@ def localiser_figures(data: Path) -> dict[str, Any]:
     }
 
 
-def external_sets(data: Path) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
-    """Labelled disc crops (``onh``) and full photographs of the other databases in fundus-disc-samples."""
+def external_sets(
+    data: Path, databases: dict[str, list[str]] | None = None
+) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+    """Labelled disc crops (``onh``) and full photographs of the other databases in fundus-disc-samples
+    (``databases``, when given, receives each set's database per image)."""
     root = data.parent / DISC_SAMPLES
     sets: dict[str, tuple[list[np.ndarray], list[int]]] = {"crops": ([], []), "full": ([], [])}
     for row in disc_samples_rows(data):
@@ -89,7 +93,37 @@ def external_sets(data: Path) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
             if row.get(column):
                 sets[key][0].append(load_image_file(root / row[column]))
                 sets[key][1].append(label)
+                if databases is not None:
+                    databases.setdefault(key, []).append(_database(row.get("database", "")))
     return {k: (imgs, np.asarray(ys)) for k, (imgs, ys) in sets.items()}
+
+
+def _database(name: str) -> str:
+    """The source database of a fundus-disc-samples row, its splits joined (REFUGE1-train and -val are one
+    camera, as are ODIR's three sets and DRISHTI's two)."""
+    for prefix in ("REFUGE1", "OIA-ODIR", "DRISHTI-GS1"):
+        if name.startswith(prefix):
+            return prefix
+    return name
+
+
+def camera_refusals(model: BundleModel, images: Sequence[np.ndarray]) -> dict[str, tuple[int, int]]:
+    """(refused, n) of ``images`` under each fixed camera variation of :data:`training.camera.VARIATIONS`
+    (unmodified first), through the served gate (seeded per image and variation)."""
+    from training.camera import VARIATIONS
+
+    out: dict[str, tuple[int, int]] = {
+        "unmodified": (sum(model.check_input(im) is not None for im in images), len(images))
+    }
+    for name, (fn, strengths) in VARIATIONS.items():
+        for label, strength in strengths.items():
+            refused = 0
+            for i, im in enumerate(images):
+                seed = [i, zlib.crc32(f"{name} {label}".encode())]
+                varied = fn(im.copy(), strength, np.random.default_rng(seed))
+                refused += model.check_input(np.asarray(varied, dtype=np.float32)) is not None
+            out[f"{name} {label}"] = (refused, len(images))
+    return out
 
 
 def score(model: BundleModel, images: Sequence[np.ndarray], y: np.ndarray) -> dict[str, Any]:

@@ -81,9 +81,14 @@ def ensemble_network(members: Sequence[Any], size: int = INPUT_SIZE, widths: Seq
 
 
 def augmented_crop(
-    image: np.ndarray, location: DiscLocation, size: int, rng: np.random.Generator
+    image: np.ndarray, location: DiscLocation, size: int, rng: np.random.Generator, camera: bool = False
 ) -> np.ndarray:
-    """One randomly jittered disc crop of a full photograph (training only)."""
+    """One randomly jittered disc crop of a full photograph (training only); with ``camera`` the photograph
+    first as another camera would take it (:data:`training.camera.PHOTOMETRIC` variations)."""
+    if camera:
+        from training.camera import PHOTOMETRIC, random_camera
+
+        image = random_camera(image, rng, names=PHOTOMETRIC, keep_size=True)
     side = location.crop_side * float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
     cx = location.cx + rng.uniform(-0.08, 0.08) * side
     cy = location.cy + rng.uniform(-0.08, 0.08) * side
@@ -117,8 +122,10 @@ def fit(
     batch_size: int = 32,
     learning_rate: float = 2e-3,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    camera: bool = False,
 ) -> Any:
-    """Train a fresh network on full photographs (disc crops cut and jittered each epoch); seeded."""
+    """Train a fresh network on full photographs (disc crops cut and jittered each epoch, with ``camera``
+    also varied as other cameras would take them); seeded."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -134,7 +141,10 @@ def fit(
     y = np.asarray(labels, dtype=np.float32)
     for epoch in range(epochs):
         x = np.stack(
-            [augmented_crop(im, loc, INPUT_SIZE, rng) for im, loc in zip(images, locations, strict=True)]
+            [
+                augmented_crop(im, loc, INPUT_SIZE, rng, camera)
+                for im, loc in zip(images, locations, strict=True)
+            ]
         )
         history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
         logs = {k: float(v[-1]) for k, v in history.history.items()}

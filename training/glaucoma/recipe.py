@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,15 @@ DEFAULT_EPOCHS = 30
 MEMBERS = 3
 #: Folds for the out-of-fold distances behind the embedding gate's bound (:func:`embedding_stats`).
 OOF_FOLDS = 5
+#: Copies of each training photograph as other cameras would take it (:func:`training.camera.random_camera`)
+#: that the gate statistics and the domain classifier are fitted on besides the photograph itself (1.2.0 on).
+GATE_CAMERAS = 2
+#: SSIM view of the gate (:data:`inference.gates.fundus.VIEWS`).
+GATE_VIEW = 2
+#: Train on photographs as other cameras would take them (:func:`training.glaucoma.network.augmented_crop`;
+#: ``extra["camera_augment"]``). Tried for 1.2.0 and not shipped: external photographs AUC 0.852 -> 0.881, but
+#: a lower sensitivity at its own Youden threshold, and the promotion gate refused it (see design.md).
+CAMERA_AUGMENT = False
 POSITIVE = {"glaucoma", "rg", "1", "referable"}
 NEGATIVE = {"normal", "non-glaucoma", "nrg", "0"}
 
@@ -108,9 +118,12 @@ def fold_temperature(model: Any, temperature: float) -> None:
     dense.set_weights([kernel / temperature, bias / temperature])
 
 
-def embedding_stats(model: Any, crops: np.ndarray, percentile: float = 99.5) -> EmbeddingStats:
+def embedding_stats(
+    model: Any, crops: np.ndarray, percentile: float = 99.5, groups: np.ndarray | None = None
+) -> EmbeddingStats:
     """Mean and precision of the ``"features"`` embedding of training crops; bound at ``percentile`` of the
-    out-of-fold distances."""
+    out-of-fold distances (crops of one ``groups`` value, e.g. one photograph and its camera copies, share a
+    fold)."""
     import keras
 
     from training.gate_fitting import fit_feature_stats
@@ -124,11 +137,27 @@ def embedding_stats(model: Any, crops: np.ndarray, percentile: float = 99.5) -> 
     # The bound comes from out-of-fold distances: a crop's distance to statistics fitted without it. Distances
     # of the fitting crops themselves run low (288 dimensions, 456 crops) and would reject new in-domain eyes.
     out_of_fold = np.zeros(len(feats))
+    fold_of = (np.arange(len(feats)) if groups is None else np.asarray(groups)) % OOF_FOLDS
     for k in range(OOF_FOLDS):
-        held = np.arange(len(feats)) % OOF_FOLDS == k
+        held = fold_of == k
         stats_k = EmbeddingStats(*fit_feature_stats(feats[~held]), 0.0)
         out_of_fold[held] = [stats_k.distance(f) for f in feats[held]]
     return EmbeddingStats(centre, precision, float(np.percentile(out_of_fold, percentile)))
+
+
+def camera_copies(
+    images: list[np.ndarray], indices: np.ndarray, copies: int, seed: int
+) -> list[tuple[np.ndarray, DiscLocation]]:
+    """``copies`` of each photograph of ``indices`` as a random other camera would take it, located as served
+    (seeded per photograph and copy)."""
+    from training.camera import random_camera
+
+    out = []
+    for i in indices:
+        for k in range(copies):
+            varied = random_camera(images[i], np.random.default_rng([seed, int(i), k]))
+            out.append((varied, locate_disc(varied)))
+    return out
 
 
 def fit_fundus_domain(
@@ -137,9 +166,11 @@ def fit_fundus_domain(
     tr: np.ndarray,
     va: np.ndarray,
     config: TrainConfig,
+    cameras: Sequence[tuple[np.ndarray, DiscLocation]] = (),
 ) -> Any:
-    """The fundus domain classifier (:mod:`inference.gates.domain`): photographs and disc crops vs seeded
-    colour noise, pages and synthetic scenes (seeds 101 and 102; the card's probes use seed 0)."""
+    """The fundus domain classifier (:mod:`inference.gates.domain`): photographs and disc crops (and the
+    ``cameras`` copies of the training photographs with their crops) vs seeded colour noise, pages and
+    synthetic scenes (seeds 101 and 102; the card's probes use seed 0)."""
     from inference.gates.domain import DOMAIN_SIZE, FUNDUS_SUBJECT
     from inference.gates.rules import MEASURE_SIDE
     from inference.preprocess import load_dicom_image
@@ -168,9 +199,14 @@ def fit_fundus_domain(
         from inference.bundle import reduce_image
 
         must_pass.append(reduce_image(load_dicom_image(shared_fundus), MEASURE_SIDE))
+    varied = []
+    for im, loc in cameras:
+        varied.append(im)
+        if loc.kind == "full":
+            varied.append(crop_at(im, loc.cx, loc.cy, loc.crop_side, DOMAIN_SIZE))
     fit = fit_domain_gate(
-        positives(tr, (0.7, 1.0, 1.5), True),
-        positives(va, (1.0,), False),
+        positives(tr, (0.7, 1.0, 1.5), True) + varied,
+        positives(va, (1.0,), False) + [im for im, _ in camera_copies(images, va, 1, config.seed + 1)],
         negatives(101, 150),
         negatives(102, 40),
         seed=config.seed,
@@ -235,6 +271,7 @@ def train(config: TrainConfig) -> Path:
                 seed=config.seed + k,
                 epochs=epochs,
                 progress=progress,
+                camera=bool(config.extra.get("camera_augment", CAMERA_AUGMENT)),
             )
             return _without_optimizer(net), {}
 
@@ -256,10 +293,25 @@ def train(config: TrainConfig) -> Path:
     train_crops = [
         crop_at(images[i], locations[i].cx, locations[i].cy, locations[i].crop_side, INPUT_SIZE) for i in tr
     ]
-    gate = fit_fundus_gate([(images[i], locations[i]) for i in tr], train_crops, INPUT_SIZE)
-    gate = replace(gate, embedding=embedding_stats(model, np.stack(train_crops)))
+    copies = int(config.extra.get("gate_cameras", GATE_CAMERAS))
+    cameras = camera_copies(images, tr, copies, config.seed)
+    view = int(config.extra.get("gate_view", GATE_VIEW))
+    gate = fit_fundus_gate(
+        [(images[i], locations[i]) for i in tr], train_crops, INPUT_SIZE, view=view, cameras=cameras
+    )
+    camera_crops = [
+        crop_at(im, loc.cx, loc.cy, loc.crop_side, INPUT_SIZE)
+        if loc.kind == "full"
+        else crop_at(im, im.shape[1] / 2, im.shape[0] / 2, min(im.shape[:2]), INPUT_SIZE)
+        for im, loc in cameras
+    ]
+    groups = np.r_[np.arange(len(tr)), np.repeat(np.arange(len(tr)), copies)]
+    gate = replace(
+        gate, embedding=embedding_stats(model, np.stack(train_crops + camera_crops), groups=groups)
+    )
+    logger.info("gate fitted on %d photographs and %d camera copies (view %d)", len(tr), len(cameras), view)
 
-    domain = fit_fundus_domain(images, locations, tr, va, config)
+    domain = fit_fundus_domain(images, locations, tr, va, config, cameras)
     out = Path(config.out_dir)
     meta = metadata(config, threshold, members) | {
         "domain_gate": domain.spec.as_dict(),
@@ -268,6 +320,8 @@ def train(config: TrainConfig) -> Path:
             "epochs": epochs,
             "members": members,
             "temperature": temperature,
+            "gate_cameras": copies,
+            "gate_view": view,
             "domain_gate": domain.summary(),
         },
     }

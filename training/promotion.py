@@ -173,6 +173,23 @@ def _covid_answer(p: dict[str, float]) -> int:
     return int(np.argmax([1.0 - pc - pv, pc, pv]))
 
 
+def _primary(
+    label: str, metric: str, active: float, candidate: float, margin: float, figures: dict[str, Any]
+) -> list[str]:
+    """Why the candidate's primary metric fails the gate: higher passes; equal or higher on the common
+    images passes as a version that answers more (:func:`_answers_more`, ``figures["route"]``)."""
+    if candidate > active:
+        return []
+    more = _answers_more(metric, margin, figures) if candidate >= active else "lower"
+    if more is None:
+        figures["route"] = "answers more"
+        return []
+    return [
+        f"{label} {candidate:.4f} is not higher than the active model's {active:.4f}"
+        + ("" if more == "lower" else f", and as an equal model {more}")
+    ]
+
+
 def _answers_more(metric: str, margin: float, figures: dict[str, Any]) -> str | None:
     """Why a candidate whose metric on the common images is not lower still fails the "answers more" route,
     or None when it passes it (fewer not assessable, its metric on everything it assesses not lower than the
@@ -210,16 +227,7 @@ def _binary_gate(
     test = delong(y, sa, sc)
     figures["test"] = {"name": "DeLong", **test.as_dict()}
     figures["active"]["auc"], figures["candidate"]["auc"] = test.auc_a, test.auc_b
-    reasons = []
-    if not test.auc_b > test.auc_a:
-        more = _answers_more("auc", margin, figures) if test.auc_b >= test.auc_a else "lower"
-        if more is None:
-            figures["route"] = "answers more"
-        else:
-            reasons.append(
-                f"AUC {test.auc_b:.4f} is not higher than the active model's {test.auc_a:.4f}"
-                + ("" if more == "lower" else f", and as an equal model {more}")
-            )
+    reasons = _primary("AUC", "auc", test.auc_a, test.auc_b, margin, figures)
     reasons += _sensitivity(y, [a.present[i] for i in keep], [c.present[i] for i in keep], margin, figures)
     return GateResult(not reasons, reasons, figures)
 
@@ -241,16 +249,7 @@ def _covid_gate(
     acc_a, acc_c = wilson_ci(sum(right_a), len(keep)), wilson_ci(sum(right_c), len(keep))
     figures["test"] = {"name": "McNemar", **test.as_dict()}
     figures["active"]["accuracy"], figures["candidate"]["accuracy"] = acc_a.as_dict(), acc_c.as_dict()
-    reasons = []
-    if not acc_c.value > acc_a.value:
-        more = _answers_more("accuracy", margin, figures) if acc_c.value >= acc_a.value else "lower"
-        if more is None:
-            figures["route"] = "answers more"
-        else:
-            reasons.append(
-                f"accuracy {acc_c.value:.4f} is not higher than the active model's {acc_a.value:.4f}"
-                + ("" if more == "lower" else f", and as an equal model {more}")
-            )
+    reasons = _primary("accuracy", "accuracy", acc_a.value, acc_c.value, margin, figures)
     y = np.array([1 if labels[i] == "covid19" else 0 for i in keep])
     reasons += _sensitivity(y, [a.present[i] for i in keep], [c.present[i] for i in keep], margin, figures)
     return GateResult(not reasons, reasons, figures)

@@ -74,7 +74,7 @@ REQUIRES: dict[tuple[str, str], str] = {
 
 #: What a reader must know about a finding before using it, said beside it in every SR, page and PDF.
 SUBTYPE_CAUTION = (
-    "Bacterial vs viral subtype is unreliable (validation AUC 0.78; experts also disagree on a radiograph): "
+    "Bacterial vs viral subtype is unreliable (validation AUC 0.79; experts also disagree on a radiograph): "
     "do not base treatment on it."
 )
 CAUTIONS: dict[tuple[str, str], str] = {

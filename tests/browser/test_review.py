@@ -123,6 +123,9 @@ def test_case_page_shows_header_as_text_and_drives_the_viewer(
     assert page.locator("#help").is_visible()
     page.keyboard.press("Escape")
     assert page.locator("#help").is_hidden()
+    # the pneumonia subtype's caution stands beside its findings, visible
+    caution = page.locator("fieldset[data-model=pneumonia] .caution").first
+    assert caution.is_visible() and "unreliable" in caution.inner_text()
     page.screenshot(path=str(artifacts / "case.png"), full_page=True)
     page.context.close()
 

@@ -148,7 +148,7 @@ def decided_pairs(session: Session, model: str) -> dict[str, list[Pair]]:
         .join(Report, Report.id == Review.report_id)
         .where(Review.model_name == model)
         .order_by(Review.at, Review.id)
-    ).tuples()
+    )
     out: dict[str, list[Pair]] = defaultdict(list)
     for review, version in rows:
         for a in review.answers:
@@ -165,7 +165,7 @@ def shadow_labels(session: Session, model: str) -> dict[str, dict[str, str]]:
         .join(Instance, Instance.id == Prediction.instance_id)
         .where(Prediction.model_name == model, Prediction.shadow.is_(True))
         .order_by(Prediction.id)
-    ).tuples()
+    )
     found: dict[tuple[str, str], dict[str, tuple[float, bool]]] = defaultdict(dict)
     unassessable: set[tuple[str, str]] = set()
     for p, sop_uid in rows:
@@ -196,7 +196,7 @@ def live_distribution(session: Session, model: str) -> dict[str, dict[str, Any]]
         )
         .where(Prediction.model_name == model)
         .order_by(Prediction.id)
-    ).tuples()
+    )
     latest: dict[str, dict[int, dict[str, float] | None]] = defaultdict(dict)
     for version, instance_id, finding, probability, assessable in rows:
         answers = latest[version]
@@ -227,7 +227,7 @@ def drift(session: Session, model: str, band: DriftBand) -> list[dict[str, Any]]
         version: (metrics or {}).get("reference")
         for version, metrics in session.execute(
             select(ModelVersion.version, ModelVersion.metrics).where(ModelVersion.name == model)
-        ).tuples()
+        )
     }
     out = []
     for version, live in sorted(live_distribution(session, model).items()):

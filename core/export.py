@@ -77,7 +77,7 @@ def reviewed_images(session: Session, f: ExportFilter) -> Iterator[ReviewedImage
         query = query.where(Review.at >= f.since)
     if f.until:
         query = query.where(Review.at < f.until)
-    for review, report, study_uid, role in session.execute(query).tuples():
+    for review, report, study_uid, role in session.execute(query):
         answers = [a for a in review.answers if _wanted(a, f)]
         if not answers:
             continue
@@ -120,7 +120,7 @@ def _instances(session: Session, sop_uids: list[str]) -> dict[str, tuple[Instanc
         select(Instance, Series)
         .join(Series, Series.id == Instance.series_id)
         .where(Instance.sop_instance_uid.in_(sop_uids))
-    ).tuples()
+    )
     return {instance.sop_instance_uid: (instance, series) for instance, series in rows}
 
 
@@ -130,7 +130,7 @@ def _probabilities(session: Session, report_id: int) -> dict[int, dict[str, floa
         select(Prediction.instance_id, Prediction.finding, Prediction.probability)
         .where(Prediction.report_id == report_id, Prediction.finding.is_not(None))
         .order_by(Prediction.id)
-    ).tuples()
+    )
     for instance_id, finding, probability in rows:
         if finding is not None and probability is not None:
             out.setdefault(instance_id, {})[finding] = float(probability)

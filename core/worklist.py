@@ -319,7 +319,7 @@ def retag_cases(session: Session, band: float, *, limit: int = 500) -> int:
 def tag_ids(session: Session, tokens: set[str]) -> dict[str, int]:
     """The review_tag numbers of ``tokens``, adding the new ones (concurrent writers add each once)."""
     found = select(ReviewTag.token, ReviewTag.id).where(ReviewTag.token.in_(tokens))
-    known = dict(session.execute(found).tuples().all())
+    known = dict(session.execute(found).all())
     missing = sorted(tokens - known.keys())
     if missing:
         dialect = session.get_bind().dialect.name
@@ -328,7 +328,7 @@ def tag_ids(session: Session, tokens: set[str]) -> dict[str, int]:
             insert(ReviewTag).values([{"token": t} for t in missing]).on_conflict_do_nothing(),
         )
         added = select(ReviewTag.token, ReviewTag.id).where(ReviewTag.token.in_(missing))
-        known.update(session.execute(added).tuples().all())
+        known.update(session.execute(added).all())
     return known
 
 
@@ -342,7 +342,7 @@ class Tags:
     """The tag dictionary, read once per worklist query: a token as a condition on the case row."""
 
     def __init__(self, session: Session) -> None:
-        self.ids = dict(session.execute(select(ReviewTag.token, ReviewTag.id)).tuples().all())
+        self.ids = dict(session.execute(select(ReviewTag.token, ReviewTag.id)).all())
 
     def has(self, token: str) -> ColumnElement[bool]:
         number = self.ids.get(token)

@@ -319,7 +319,7 @@ def test_tags_are_numbers_of_review_tag_tokens(
     factory: sessionmaker[Session], seeded: dict[str, str]
 ) -> None:
     with factory() as s:
-        tokens = dict(s.execute(select(ReviewTag.id, ReviewTag.token)).tuples().all())
+        tokens = dict(s.execute(select(ReviewTag.id, ReviewTag.token)).all())
         case_tags = {
             uid: tags
             for uid, tags in s.execute(

@@ -39,7 +39,7 @@ def upgrade() -> None:
     tag = _tag_table()
     if tokens:
         bind.execute(sa.insert(tag), [{"token": t} for t in tokens])
-    ids = dict(bind.execute(sa.select(tag.c.token, tag.c.id)).tuples().all())
+    ids = dict(bind.execute(sa.select(tag.c.token, tag.c.id)).all())
     for case_id, tags in rows:
         numbers = sorted(ids[t] for t in tags.split(",") if t)
         bind.execute(
@@ -51,7 +51,7 @@ def downgrade() -> None:
     """Downgrade schema."""
     bind = op.get_bind()
     tag = _tag_table()
-    tokens = dict(bind.execute(sa.select(tag.c.id, tag.c.token)).tuples().all())
+    tokens = dict(bind.execute(sa.select(tag.c.id, tag.c.token)).all())
     for case_id, tags in bind.execute(sa.select(_case.c.id, _case.c.tags)).all():
         names = sorted(tokens[int(n)] for n in tags.split(",") if n)
         bind.execute(

@@ -85,6 +85,35 @@ def augmenter(seed: int) -> Any:
     )
 
 
+#: Console processing a radiograph may have had elsewhere (``fit(processing=True)``): each applied with
+#: this chance, independently, after the geometric augmentation. bench/chest_shift.py measures the same kinds
+#: of variation (and others, left out here on purpose: window, edge enhancement, collimation, JPEG,
+#: resolution) on the validation split.
+PROCESSING_CHANCE = 0.3
+
+
+def console_processing(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gray images N x S x S x 1 in [0, 1], each varied as another console might have processed it: gamma
+    0.7-1.45 (exposure curve), CLAHE (clip 1-3, 8 x 8 tiles), Gaussian blur (sigma 0.3-1 px), quantum noise
+    (SD up to 0.03). Returns float32 in [0, 1]."""
+    import cv2
+
+    out = np.clip(np.asarray(batch, dtype=np.float32), 0.0, 1.0).copy()
+    for i in range(len(out)):
+        x: np.ndarray = out[i, ..., 0]
+        if rng.random() < PROCESSING_CHANCE:
+            x = np.power(x, float(np.exp(rng.uniform(np.log(0.7), np.log(1.45)))))
+        if rng.random() < PROCESSING_CHANCE:
+            clahe = cv2.createCLAHE(clipLimit=float(rng.uniform(1.0, 3.0)), tileGridSize=(8, 8))
+            x = clahe.apply(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)).astype(np.float32) / 255.0
+        if rng.random() < PROCESSING_CHANCE:
+            x = cv2.GaussianBlur(x, (0, 0), float(rng.uniform(0.3, 1.0)))
+        if rng.random() < PROCESSING_CHANCE:
+            x = x + rng.normal(0.0, rng.uniform(0.0, 0.03), x.shape).astype(np.float32)
+        out[i, ..., 0] = np.clip(x, 0.0, 1.0)
+    return out
+
+
 def fit(
     net: Any,
     x_train: np.ndarray,
@@ -100,9 +129,10 @@ def fit(
     patience: int = 4,
     monitor: str = "val_loss",
     metrics: Sequence[Any] = (),
+    processing: bool = False,
 ) -> dict[str, list[float]]:
     """Train ``net`` on uint8 images (N x S x S gray or N x S x S x 3) with augmentation; early stopping
-    restores the best weights.
+    restores the best weights. ``processing`` (gray only) adds :func:`console_processing`.
 
     Keras progress bars show each epoch. Returns the history.
     """
@@ -110,6 +140,7 @@ def fit(
     import tensorflow as tf
 
     aug = augmenter(seed)
+    rng = np.random.default_rng(seed + 7)  # console processing; one map call at a time, so deterministic
 
     def dataset(x: np.ndarray, y: np.ndarray, train: bool) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.float32)))
@@ -123,6 +154,10 @@ def fit(
                 img = img[..., tf.newaxis]
             if train:
                 img = tf.clip_by_value(aug(img, training=True), 0.0, 1.0)
+                if processing:
+                    shape = img.shape
+                    img = tf.numpy_function(lambda b: console_processing(b, rng), [img], tf.float32)
+                    img.set_shape(shape)
             return img, label
 
         return ds.map(prep, num_parallel_calls=1).prefetch(2)

@@ -28,6 +28,9 @@ WIDTH = 32
 VAL_FRACTION = 0.2
 #: pneumonia (1.1.0 on) averages this many networks trained alike with consecutive seeds.
 PNEUMONIA_MEMBERS = 3
+#: pneumonia: train on radiographs as other consoles process them
+#: (:func:`training.fitting.console_processing`; ``extra["processing"]``).
+PNEUMONIA_PROCESSING = False
 EPOCHS = {"pneumonia": 14, "covid19": 20}  # covid19 1.1.0: 20 epochs beat 14 on validation (0.952 vs 0.944)
 COVID_CLASSES = ("normal", "covid19", "viral_pneumonia")
 
@@ -37,12 +40,17 @@ def load_pneumonia(data: Path) -> tuple[list[dict[str, str]], np.ndarray, np.nda
     csv_path = T.labels_csv(data)
     rows = T.read_labels(csv_path)
     x = T.load_images(csv_path.parent, [r["path"] for r in rows], SIZES["pneumonia"])
+    return rows, x, pneumonia_targets(rows)
+
+
+def pneumonia_targets(rows: list[dict[str, str]]) -> np.ndarray:
+    """Targets N x 3 of labels.csv rows: [pneumonia, bacterial, viral] (subtype columns 0 for normal)."""
     y = np.zeros((len(rows), 3), dtype=np.float32)
     for i, r in enumerate(rows):
         if r["label"] != "normal":
             y[i, 0] = 1.0
             y[i, 1 if r.get("subtype") == "bacteria" else 2] = 1.0
-    return rows, x, y
+    return y
 
 
 def load_covid(data: Path, size: int | None = None) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
@@ -51,8 +59,12 @@ def load_covid(data: Path, size: int | None = None) -> tuple[list[dict[str, str]
     csv_path = T.labels_csv(data)
     rows = T.read_labels(csv_path)
     x = T.load_images(csv_path.parent, [r["path"] for r in rows], size or SIZES["covid19"])
-    y = np.array([COVID_CLASSES.index(r["label"]) for r in rows], dtype=np.int64)
-    return rows, x, y
+    return rows, x, covid_targets(rows)
+
+
+def covid_targets(rows: list[dict[str, str]]) -> np.ndarray:
+    """Class indices of labels.csv rows (0 normal, 1 covid19, 2 viral_pneumonia)."""
+    return np.array([COVID_CLASSES.index(r["label"]) for r in rows], dtype=np.int64)
 
 
 def pneumonia_split(rows: list[dict[str, str]], y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from training.chest.network import (
     COVID_MEMBER_SIZES,
     EPOCHS,
     PNEUMONIA_MEMBERS,
+    PNEUMONIA_PROCESSING,
     build_covid_net,
     build_pneumonia_net,
     combine_covid,
@@ -69,7 +70,14 @@ def train_pneumonia(config: recipes.TrainConfig) -> Path:
     rows, x, y = load_pneumonia(config.data)
     tr, va = pneumonia_split(rows, y, config.seed)
     logger.info("pneumonia: %d train, %d validation images", len(tr), len(va))
-    fit_args = {"x_train": x[tr], "y_train": y[tr], "x_val": x[va], "y_val": y[va], "loss": pneumonia_loss}
+    fit_args = {
+        "x_train": x[tr],
+        "y_train": y[tr],
+        "x_val": x[va],
+        "y_val": y[va],
+        "loss": pneumonia_loss,
+        "processing": bool(config.extra.get("processing", PNEUMONIA_PROCESSING)),
+    }
     members = int(config.extra.get("members", PNEUMONIA_MEMBERS))
     net, history = _fit_or_load(config, "pneumonia", build_pneumonia_net, fit_args)
     if members > 1 and not net.name.startswith("pneumonia_cnn_x"):  # reuse of an averaged bundle: as it is

@@ -559,12 +559,25 @@ models_app = typer.Typer(help="The model registry: versions, status, promotion."
 app.add_typer(models_app, name="models")
 
 
+@contextmanager
+def _models_session() -> Iterator[Session]:
+    """:func:`_accounts_session` with the configured bundles registered first, as `gateway serve` registers
+    them: a promotion on a data folder no `serve` has run on yet is still measured against the version
+    `serve` would make active (the shipped one), not let through as the first version."""
+    from core.model_versions import sync_configured
+    from gateway.models import configured_bundles
+
+    with _accounts_session() as session:
+        sync_configured(session, configured_bundles(command_settings()))
+        yield session
+
+
 @models_app.command("list")
 def models_list(name: Annotated[str | None, typer.Argument(help="Only this model.")] = None) -> None:
     """Every registered version: status, where its bundle is from, digest, who changed it last."""
     from core.model_versions import versions
 
-    with _accounts_session() as session:
+    with _models_session() as session:
         rows = versions(session, name)
         for r in rows:
             typer.echo(
@@ -583,7 +596,7 @@ def models_show(name: str, version: str) -> None:
     from core.model_versions import find
     from core.tables import AuditEvent
 
-    with _accounts_session() as session:
+    with _models_session() as session:
         row = find(session, name, version)
         if row is None:
             typer.echo(f"no version {version} of model {name}", err=True)
@@ -622,7 +635,7 @@ def models_add(
     settings = command_settings()
     try:
         found = install_bundle(settings, bundle)
-        with _accounts_session() as session:
+        with _models_session() as session:
             row = add(session, found, actor="cli")
             typer.echo(f"{row.name} {row.version}: {row.status} ({row.path})")
     except (BundleError, RegistryError) as exc:
@@ -654,7 +667,7 @@ def models_promote(
             err=True,
         )
         raise typer.Exit(2)
-    with _accounts_session() as session:
+    with _models_session() as session:
         candidate, current = find(session, name, version), active(session).get(name)
         if candidate is None:
             typer.echo(f"no version {version} of model {name}", err=True)
@@ -689,7 +702,7 @@ def models_promote(
         typer.echo(describe(result))
         figures = result.figures
         if not result.passed:
-            with _accounts_session() as session:
+            with _models_session() as session:
                 record(
                     session,
                     actor="cli",
@@ -698,7 +711,7 @@ def models_promote(
                 )
             raise typer.Exit(1)
     try:
-        with _accounts_session() as session:
+        with _models_session() as session:
             row = set_status(
                 session,
                 name,
@@ -732,14 +745,14 @@ def models_reference(
     from core.model_versions import find
     from training.promotion import reference_on
 
-    with _accounts_session() as session:
+    with _models_session() as session:
         row = find(session, name, version)
         if row is None:
             typer.echo(f"no version {version} of model {name}", err=True)
             raise typer.Exit(1)
         path = Path(row.path)
     reference = reference_on(path, data)
-    with _accounts_session() as session:
+    with _models_session() as session:
         row = find(session, name, version)
         assert row is not None
         row.metrics = {**(row.metrics or {}), "reference": reference}
@@ -759,7 +772,7 @@ def models_shadow(name: str, version: str) -> None:
     from core.model_versions import RegistryError, set_status
 
     try:
-        with _accounts_session() as session:
+        with _models_session() as session:
             set_status(session, name, version, "shadow", actor="cli")
     except RegistryError as exc:
         typer.echo(str(exc), err=True)
@@ -773,7 +786,7 @@ def models_retire(name: str, version: str, reason: Annotated[str | None, typer.O
     from core.model_versions import RegistryError, set_status
 
     try:
-        with _accounts_session() as session:
+        with _models_session() as session:
             set_status(session, name, version, "retired", actor="cli", reason=reason)
     except RegistryError as exc:
         typer.echo(str(exc), err=True)

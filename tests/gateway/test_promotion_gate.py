@@ -91,3 +91,38 @@ def test_better_candidate_promoted_worse_refused(tmp_path: Path) -> None:
     assert gate["active"]["auc"] < 1.0 and 0 <= gate["test"]["p"] <= 1
     refused = json.loads(gateway_command(env, "models", "show", "pneumonia", "1.2-c").stdout)["history"]
     assert [h["action"] for h in refused] == ["model.register", "model.promote_refused"]
+
+
+def test_a_fresh_data_folder_measures_a_candidate_against_the_shipped_version(tmp_path: Path) -> None:
+    """No `gateway serve` has run on this data folder yet: the candidate is still measured against the
+    shipped pneumonia bundle (the one `serve` would make active), not promoted as the first version. The
+    labels are the shipped model's own answers, so no candidate can beat it."""
+    shipped = Path(__file__).resolve().parents[2] / "inference" / "weights" / "pneumonia"
+    version = json.loads((shipped / "model.json").read_text())["version"]
+    evaluation = tmp_path / "evaluation"
+    (evaluation / "images").mkdir(parents=True)
+    for i in range(IMAGES):
+        cv2.imwrite(str(evaluation / "images" / f"{i}.png"), f.chest_gray(index=i))
+    images = [load_any(evaluation / "images" / f"{i}.png") for i in range(IMAGES)]
+    truth = [a.findings[0].probability for a in assess(BundleModel(shipped), images)]
+    cut = float(np.median(truth))
+    with open(evaluation / "labels.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "subtype"])
+        for i, p in enumerate(truth):
+            writer.writerow(
+                [f"images/{i}.png", *(("pneumonia", "bacteria") if p > cut else ("normal", "normal"))]
+            )
+    env = {
+        "GATEWAY_DATA_DIR": str(tmp_path / "var"),
+        "GATEWAY_INFERENCE__EVALUATION_SETS": json.dumps({"pneumonia": str(evaluation)}),
+    }
+    assert gateway_command(env, "models", "add", str(_bundle(tmp_path, 1000, "9.0-new"))).returncode == 0
+
+    promoted = gateway_command(env, "models", "promote", "pneumonia", "9.0-new")
+    assert promoted.returncode == 1, promoted.stdout + promoted.stderr
+    assert f"active {version}: 1.0000" in promoted.stdout and "REFUSED" in promoted.stdout
+    listed = {tuple(line.split()[:3]) for line in gateway_command(env, "models", "list").stdout.splitlines()}
+    assert {("pneumonia", version, "active"), ("pneumonia", "9.0-new", "candidate")} <= listed
+    history = json.loads(gateway_command(env, "models", "show", "pneumonia", "9.0-new").stdout)["history"]
+    assert [h["action"] for h in history] == ["model.register", "model.promote_refused"]

@@ -31,6 +31,8 @@ PNEUMONIA_MEMBERS = 3
 #: pneumonia: train on radiographs as other consoles process them
 #: (:func:`training.fitting.console_processing`; ``extra["processing"]``).
 PNEUMONIA_PROCESSING = False
+#: covid19: the same for its networks (``extra["processing"]``).
+COVID_PROCESSING = False
 EPOCHS = {"pneumonia": 14, "covid19": 20}  # covid19 1.1.0: 20 epochs beat 14 on validation (0.952 vs 0.944)
 COVID_CLASSES = ("normal", "covid19", "viral_pneumonia")
 

@@ -18,6 +18,7 @@ from training.chest import bundle
 from training.chest.network import (
     COVID_CLASSES,
     COVID_MEMBER_SIZES,
+    COVID_PROCESSING,
     EPOCHS,
     PNEUMONIA_MEMBERS,
     PNEUMONIA_PROCESSING,
@@ -143,6 +144,7 @@ def _covid_member(config: recipes.TrainConfig, size: int) -> tuple[Any, dict]:
             metrics=["accuracy"],
             epochs=config.epochs or EPOCHS["covid19"],
             seed=config.seed,
+            processing=bool(config.extra.get("processing", COVID_PROCESSING)),
         )
         return net, history
 

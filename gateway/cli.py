@@ -915,6 +915,15 @@ def train_model(
         str | None,
         typer.Option(help="Version of a retrained candidate (default: the shipped release + -r<UTC time>)."),
     ] = None,
+    processing: Annotated[
+        bool,
+        typer.Option(
+            "--processing",
+            help="Chest models: also train on radiographs varied as other consoles process them (gamma, "
+            "CLAHE, blur, noise); more robust to such processing, slightly lower on unprocessed images "
+            "(inference/weights/pneumonia/design.md).",
+        ),
+    ] = False,
 ) -> None:
     """Train a model from labelled images: writes its bundle and model card (seeded, reproducible). With
     --from-export, retrain on the base data plus radiologists' labels: the bundle goes to
@@ -928,6 +937,11 @@ def train_model(
         typer.echo(str(exc.args[0]), err=True)
         raise typer.Exit(2) from None
     options: dict[str, Any] = {"epochs": epochs, "seed": DEFAULT_SEED if seed is None else seed}
+    if processing:
+        if name not in ("pneumonia", "covid19"):
+            typer.echo(f"--processing is for the chest models (pneumonia, covid19), not {name}", err=True)
+            raise typer.Exit(2)
+        options["extra"] = {"processing": True}
     if from_export:
         if out is not None:
             typer.echo(

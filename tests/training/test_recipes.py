@@ -57,10 +57,10 @@ def gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def trained(tiny_pneumonia_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A pneumonia bundle trained for one epoch by `gateway train` (card beside it)."""
+    """A pneumonia bundle trained for one epoch by `gateway train --processing` (card beside it)."""
     out = tmp_path_factory.mktemp("trained") / "pneumonia"
     proc = gateway("train", "pneumonia", "--data", str(tiny_pneumonia_data), "--epochs", "1", "--seed", "5",
-                   "--out", str(out))  # fmt: skip
+                   "--out", str(out), "--processing")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
     return out
@@ -74,12 +74,14 @@ def test_train_pneumonia_end_to_end(trained: Path, tiny_pneumonia_data: Path) ->
     assert meta["domain_gate"]["file"] == "domain_gate.tflite" and 0 <= meta["domain_gate"]["min_score"] < 1
     assert meta["training"]["seed"] == 5 and meta["training"]["epochs_run"] == 1
     assert meta["training"]["members"] == 3  # seeds 5, 6, 7 averaged in one graph
+    assert meta["training"]["processing"] is True
     assert [o["finding"] for o in meta["outputs"]] == ["pneumonia", "bacterial_pneumonia", "viral_pneumonia"]
     assert meta["version"] == json.loads((T.WEIGHTS_DIR / "pneumonia" / "model.json").read_text())["version"]
     card = (trained / "card.md").read_text()
     assert DISCLAIMER in card and "![ROC](roc.png)" in card and f"pneumonia {meta['version']}" in card
     assert (trained / "calibration.png").is_file()
     assert "gateway train pneumonia" in card and "--seed 5" in card and "patient_key" in card
+    assert "--epochs 1 --processing" in card  # the card's command reproduces the run
 
     model = BundleModel(trained)
     image = cv2.imread(str(tiny_pneumonia_data / "images" / "normal" / "img000.png"), cv2.IMREAD_GRAYSCALE)
@@ -87,6 +89,13 @@ def test_train_pneumonia_end_to_end(trained: Path, tiny_pneumonia_data: Path) ->
     probabilities = model.probabilities([image.astype(np.float32) / 255.0])
     assert probabilities.shape == (1, 3) and np.all((probabilities >= 0) & (probabilities <= 1))
     assert probabilities[0, 1] + probabilities[0, 2] == pytest.approx(1.0)
+
+
+def test_processing_is_refused_for_a_fundus_model(tiny_pneumonia_data: Path, tmp_path: Path) -> None:
+    proc = gateway("train", "glaucoma", "--data", str(tiny_pneumonia_data), "--out", str(tmp_path / "g"),
+                   "--processing")  # fmt: skip
+    assert proc.returncode == 2 and "--processing is for the chest models" in proc.stderr
+    assert not (tmp_path / "g").exists()
 
 
 def test_gateway_evaluate_prints_metrics(trained: Path, tiny_pneumonia_data: Path) -> None:

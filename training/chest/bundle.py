@@ -18,7 +18,7 @@ from training import recipes as T
 from training.cards import metrics as E
 from training.chest import card
 from training.chest.gate import GATE_FILE, GATE_LAYERS, fit_gate, input_size
-from training.chest.network import COVID_CLASSES, VAL_FRACTION, WIDTH
+from training.chest.network import COVID_CLASSES, VAL_FRACTION, WIDTH, uses_processing
 from training.domain_gate import DomainFit, export
 from training.export import predict_with_features, write_bundle
 
@@ -268,6 +268,7 @@ def _training_record(
         ),
         "input_size": size,
         "width": WIDTH,
+        "processing": uses_processing("pneumonia" if grouped else "covid19", config.extra),
         "history": history,
     }
 

@@ -205,7 +205,10 @@ def write_covid_card(
             "served path): 3-class accuracy 0.973 unmodified, 0.564 after CLAHE (clip 2; the gate refuses "
             "only 5 % of them), 0.853 after edge enhancement, 0.889 after a 2 px blur; gamma, window, noise,"
             " collimation, JPEG and resolution 0.935-0.981. Expect much lower accuracy from a site whose "
-            "consoles equalise local contrast or enhance edges."
+            "consoles equalise local contrast or enhance edges. The same networks trained with console "
+            "processing (`gateway train covid19 --processing`) hold 0.938 after CLAHE and 0.919 after edge "
+            "enhancement but score 0.966 unmodified, and the promotion gate refused them (`design.md` beside"
+            " this card)."
         ),
         intended_use=(
             "Research only: reproduction of the COVID-19 web service's 3-class model on adult frontal chest "
@@ -379,6 +382,8 @@ def _architecture(bundle: Path, head: str) -> str:
 
 def _command(name: str, config: TrainConfig, rec: dict) -> str:
     epochs = f" --epochs {config.epochs}" if config.epochs else ""
+    if rec.get("processing"):
+        epochs += " --processing"
     return (
         f"gateway train {name} --data {T.labels_csv(config.data).parent}{epochs} --seed {config.seed}\n"
         f"# {rec['epochs_run']} epochs run (early stopping on validation loss from epoch half-way, cosine "

@@ -33,6 +33,14 @@ PNEUMONIA_MEMBERS = 3
 PNEUMONIA_PROCESSING = False
 #: covid19: the same for its networks (``extra["processing"]``).
 COVID_PROCESSING = False
+
+
+def uses_processing(name: str, extra: dict[str, Any]) -> bool:
+    """Whether ``name``'s networks train with console processing: ``extra["processing"]`` (``gateway train
+    --processing``), else the recipe's default."""
+    return bool(extra.get("processing", PNEUMONIA_PROCESSING if name == "pneumonia" else COVID_PROCESSING))
+
+
 EPOCHS = {"pneumonia": 14, "covid19": 20}  # covid19 1.1.0: 20 epochs beat 14 on validation (0.952 vs 0.944)
 COVID_CLASSES = ("normal", "covid19", "viral_pneumonia")
 

@@ -18,10 +18,8 @@ from training.chest import bundle
 from training.chest.network import (
     COVID_CLASSES,
     COVID_MEMBER_SIZES,
-    COVID_PROCESSING,
     EPOCHS,
     PNEUMONIA_MEMBERS,
-    PNEUMONIA_PROCESSING,
     build_covid_net,
     build_pneumonia_net,
     combine_covid,
@@ -31,6 +29,7 @@ from training.chest.network import (
     load_pneumonia,
     pneumonia_loss,
     pneumonia_split,
+    uses_processing,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def train_pneumonia(config: recipes.TrainConfig) -> Path:
         "x_val": x[va],
         "y_val": y[va],
         "loss": pneumonia_loss,
-        "processing": bool(config.extra.get("processing", PNEUMONIA_PROCESSING)),
+        "processing": uses_processing("pneumonia", config.extra),
     }
     members = int(config.extra.get("members", PNEUMONIA_MEMBERS))
     net, history = _fit_or_load(config, "pneumonia", build_pneumonia_net, fit_args)
@@ -144,7 +143,7 @@ def _covid_member(config: recipes.TrainConfig, size: int) -> tuple[Any, dict]:
             metrics=["accuracy"],
             epochs=config.epochs or EPOCHS["covid19"],
             seed=config.seed,
-            processing=bool(config.extra.get("processing", COVID_PROCESSING)),
+            processing=uses_processing("covid19", config.extra),
         )
         return net, history
 

@@ -36,20 +36,17 @@ def _own_median_threshold(bundle: Path, images: list[np.ndarray]) -> list[float]
     return probabilities
 
 
-def test_better_candidate_promoted_worse_refused(tmp_path: Path) -> None:
+def _evaluation_images(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
+    """An evaluation folder with IMAGES synthetic radiographs (labels written later) and the images."""
     evaluation = tmp_path / "evaluation"
     (evaluation / "images").mkdir(parents=True)
     for i in range(IMAGES):
         cv2.imwrite(str(evaluation / "images" / f"{i}.png"), f.chest_gray(index=i))
-    images = [load_any(evaluation / "images" / f"{i}.png") for i in range(IMAGES)]
-    a, b, c = (
-        _bundle(tmp_path, 1000, "1.0-a"),
-        _bundle(tmp_path, 2000, "1.1-b"),
-        _bundle(tmp_path, 3000, "1.2-c"),
-    )
-    for bundle in (a, c):
-        _own_median_threshold(bundle, images)
-    truth = _own_median_threshold(b, images)
+    return evaluation, [load_any(evaluation / "images" / f"{i}.png") for i in range(IMAGES)]
+
+
+def _write_labels(evaluation: Path, truth: list[float]) -> None:
+    """labels.csv: pneumonia where ``truth`` is above its median, so whoever produced ``truth`` has AUC 1."""
     cut = float(np.median(truth))
     with open(evaluation / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -59,10 +56,26 @@ def test_better_candidate_promoted_worse_refused(tmp_path: Path) -> None:
                 [f"images/{i}.png", *(("pneumonia", "bacteria") if p > cut else ("normal", "normal"))]
             )
 
-    env = {
+
+def _env(tmp_path: Path, evaluation: Path) -> dict[str, str]:
+    return {
         "GATEWAY_DATA_DIR": str(tmp_path / "var"),
         "GATEWAY_INFERENCE__EVALUATION_SETS": json.dumps({"pneumonia": str(evaluation)}),
     }
+
+
+def test_better_candidate_promoted_worse_refused(tmp_path: Path) -> None:
+    evaluation, images = _evaluation_images(tmp_path)
+    a, b, c = (
+        _bundle(tmp_path, 1000, "1.0-a"),
+        _bundle(tmp_path, 2000, "1.1-b"),
+        _bundle(tmp_path, 3000, "1.2-c"),
+    )
+    for bundle in (a, c):
+        _own_median_threshold(bundle, images)
+    truth = _own_median_threshold(b, images)
+    _write_labels(evaluation, truth)
+    env = _env(tmp_path, evaluation)
     for bundle in (a, b, c):
         assert gateway_command(env, "models", "add", str(bundle)).returncode == 0
     first = gateway_command(
@@ -99,24 +112,10 @@ def test_a_fresh_data_folder_measures_a_candidate_against_the_shipped_version(tm
     labels are the shipped model's own answers, so no candidate can beat it."""
     shipped = Path(__file__).resolve().parents[2] / "inference" / "weights" / "pneumonia"
     version = json.loads((shipped / "model.json").read_text())["version"]
-    evaluation = tmp_path / "evaluation"
-    (evaluation / "images").mkdir(parents=True)
-    for i in range(IMAGES):
-        cv2.imwrite(str(evaluation / "images" / f"{i}.png"), f.chest_gray(index=i))
-    images = [load_any(evaluation / "images" / f"{i}.png") for i in range(IMAGES)]
+    evaluation, images = _evaluation_images(tmp_path)
     truth = [a.findings[0].probability for a in assess(BundleModel(shipped), images)]
-    cut = float(np.median(truth))
-    with open(evaluation / "labels.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "subtype"])
-        for i, p in enumerate(truth):
-            writer.writerow(
-                [f"images/{i}.png", *(("pneumonia", "bacteria") if p > cut else ("normal", "normal"))]
-            )
-    env = {
-        "GATEWAY_DATA_DIR": str(tmp_path / "var"),
-        "GATEWAY_INFERENCE__EVALUATION_SETS": json.dumps({"pneumonia": str(evaluation)}),
-    }
+    _write_labels(evaluation, truth)
+    env = _env(tmp_path, evaluation)
     assert gateway_command(env, "models", "add", str(_bundle(tmp_path, 1000, "9.0-new"))).returncode == 0
 
     promoted = gateway_command(env, "models", "promote", "pneumonia", "9.0-new")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,21 +12,12 @@ from sklearn.metrics import roc_auc_score
 
 from inference.bundle import BundleModel
 from inference.registry import ModelRegistry
-from tests.inference.conftest import DATA_DIR
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "chest_shift.py"
+from tests.inference.conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    if not (DATA_DIR / "chest-xray-pneumonia" / "labels.csv").is_file():
-        pytest.fail(f"shared training data missing: {DATA_DIR / 'chest-xray-pneumonia'}")
-    spec = importlib.util.spec_from_file_location("chest_shift", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("chest_shift", "chest-xray-pneumonia")
 
 
 def test_pneumonia_table_matches_the_served_model(

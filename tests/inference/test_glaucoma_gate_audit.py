@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-from tests.inference.conftest import DATA_DIR
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "glaucoma_gate.py"
+from tests.inference.conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def audit() -> ModuleType:
-    if not (DATA_DIR / "fundus-glaucoma" / "labels.csv").is_file():
-        pytest.fail(f"shared training data missing: {DATA_DIR / 'fundus-glaucoma'}")
-    spec = importlib.util.spec_from_file_location("glaucoma_gate", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("glaucoma_gate", "fundus-glaucoma")
 
 
 def test_main_writes_table_and_records(
